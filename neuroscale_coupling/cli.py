@@ -1,0 +1,228 @@
+"""The ``neuroscale`` command.
+
+``neuroscale homogenize`` solves the periodic cell problem of one cell at one or more
+macro states and prints the homogenized response and its consistent tangent::
+
+    neuroscale homogenize --cell circular_inclusion --n 64 --param volume_fraction=0.3 \\
+        --physics thermal --phase k0=1,beta=0.5 --phase k0=10 --state 1,0.5,0.2 --solver fem
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuroscale_coupling import __version__
+from neuroscale_coupling.log import configure, get_logger
+from neuroscale_coupling.materials import (
+    EQUINO_FIBRE,
+    EQUINO_MATRIX,
+    Material,
+    MechanicalMaterial,
+    MechanicalPhase,
+    ThermalMaterial,
+    ThermalPhase,
+)
+from neuroscale_coupling.microstructure import GENERATORS, from_array, make_cell, phase_fractions
+
+__all__ = ["main"]
+
+log = get_logger(__name__)
+
+DEFAULT_STATES = {"thermal": "1,0.5,0.2", "mechanical": "0.02,-0.01,0.01"}
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _key_values(text: str, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {text!r}: write key=value pairs separated by commas")
+        out[key.strip()] = _number(value.strip())
+    return out
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: write numbers separated by commas") from None
+
+
+def build_material(physics: str, phases: Sequence[str]) -> Material:
+    """Material from ``--phase`` strings; defaults: thermal k0 = 1 | 10, mechanical EquiNO."""
+    if physics == "thermal":
+        if not phases:
+            return ThermalMaterial(phases=(ThermalPhase(1.0), ThermalPhase(10.0)))
+        return ThermalMaterial(
+            phases=tuple(ThermalPhase(**_key_values(p, "--phase")) for p in phases)
+        )
+    if not phases:
+        return MechanicalMaterial(phases=(EQUINO_MATRIX, EQUINO_FIBRE))
+    return MechanicalMaterial(
+        phases=tuple(MechanicalPhase(**_key_values(p, "--phase")) for p in phases)
+    )
+
+
+def _cell(args: argparse.Namespace) -> tuple[np.ndarray, dict[str, Any]]:
+    if args.image is not None:
+        image = from_array(np.load(args.image))
+        return image, {"image": str(args.image)}
+    params: dict[str, Any] = {}
+    for p in args.param:
+        params.update(_key_values(p, "--param"))
+    return make_cell(args.cell, args.n, **params), {"generator": args.cell, "n": args.n, **params}
+
+
+def _format_matrix(rows: np.ndarray, row_names: Sequence[str], col_names: Sequence[str]) -> str:
+    head = " " * 10 + "".join(f"{c:>16}" for c in col_names)
+    body = [
+        f"{r:>10}" + "".join(f"{v:16.8g}" for v in row)
+        for r, row in zip(row_names, rows, strict=True)
+    ]
+    return "\n".join([head, *body])
+
+
+def homogenize(args: argparse.Namespace) -> int:
+    """Run ``neuroscale homogenize``; returns the exit status."""
+    material = build_material(args.physics, args.phase)
+    image, cell_info = _cell(args)
+    from_array(image, n_phases=material.n_phases)
+    states = material.check_states(
+        [_floats(s, "--state") for s in (args.state or [DEFAULT_STATES[args.physics]])]
+    )
+    options: dict[str, Any] = {}
+    if args.solver == "fem":
+        from neuroscale_coupling.fine.fem import FESolver
+
+        solver: Any = FESolver(material, degree=args.degree)
+    else:
+        from neuroscale_coupling.fine.spectral import SpectralSolver
+
+        if args.device:
+            options["device"] = args.device
+        solver = SpectralSolver(material, **options)
+    t0 = time.perf_counter()
+    result = solver.solve(image, states)
+    seconds = time.perf_counter() - t0
+
+    fractions = phase_fractions(image, material.n_phases)
+    print(f"neuroscale {__version__}: {material.physics} homogenization, solver {args.solver}")
+    print(
+        f"cell {cell_info}, {image.shape[0]}x{image.shape[1]} voxels, phase fractions "
+        + ", ".join(f"{f:.4f}" for f in fractions)
+    )
+    for i, state in enumerate(states):
+        print(
+            f"\nstate {i}: "
+            + ", ".join(f"{n}={v:.6g}" for n, v in zip(material.state_names, state, strict=True))
+        )
+        print(
+            "response: "
+            + ", ".join(
+                f"{n}={v:.10g}"
+                for n, v in zip(material.response_names, result.response[i], strict=True)
+            )
+        )
+        print("tangent d(response)/d(state):")
+        print(_format_matrix(result.tangent[i], material.response_names, material.state_names))
+        print(f"Newton iterations: {int(result.newton_iterations[i])}")
+    print(f"\nsolved {len(states)} point(s) in {seconds:.3f} s")
+    if args.json:
+        record = {
+            "version": __version__,
+            "physics": material.physics,
+            "solver": args.solver,
+            "cell": cell_info,
+            "phase_fractions": fractions.tolist(),
+            "phases": [vars(p) for p in material.phases],
+            "state_names": list(material.state_names),
+            "response_names": list(material.response_names),
+            "states": states.tolist(),
+            "response": result.response.tolist(),
+            "tangent": result.tangent.tolist(),
+            "newton_iterations": result.newton_iterations.tolist(),
+            "seconds": seconds,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuroscale", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+    h = sub.add_parser(
+        "homogenize",
+        help="homogenized response and tangent of one cell",
+        description="Solve the periodic cell problem and print the homogenized response "
+        "and its consistent tangent.",
+    )
+    cell = h.add_mutually_exclusive_group()
+    cell.add_argument(
+        "--cell",
+        default="circular_inclusion",
+        choices=sorted(GENERATORS),
+        help="cell generator (default circular_inclusion)",
+    )
+    cell.add_argument("--image", type=Path, help="a .npy file holding an (n, n) phase image")
+    h.add_argument("--n", type=int, default=64, help="voxels per side for generators (64)")
+    h.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        help="generator parameters key=value[,key=value] (e.g. volume_fraction=0.3)",
+    )
+    h.add_argument("--physics", choices=("thermal", "mechanical"), default="thermal")
+    h.add_argument(
+        "--phase",
+        action="append",
+        default=[],
+        help="phase parameters, phase 0 first: thermal k0=,alpha=,beta=; "
+        "mechanical K=,G=,c1=,c2= (default thermal k0=1 | k0=10; mechanical "
+        "EquiNO matrix | fibre)",
+    )
+    h.add_argument(
+        "--state",
+        action="append",
+        help="macro state, comma separated: thermal G1,G2,theta; mechanical "
+        "E11,E22,E12 (tensor shear); repeat for several states",
+    )
+    h.add_argument("--solver", choices=("fem", "spectral"), default="spectral")
+    h.add_argument("--degree", type=int, default=1, help="FE degree (fem solver)")
+    h.add_argument("--device", help="torch device for the spectral solver (cpu, cuda)")
+    h.add_argument("--json", type=Path, help="write the results to this JSON file")
+    h.set_defaults(func=homogenize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``neuroscale`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    configure("INFO" if args.verbose else "WARNING")
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"neuroscale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

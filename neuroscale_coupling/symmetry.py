@@ -1,0 +1,81 @@
+"""The symmetry group of the square (D4) acting on cells, macro states and responses.
+
+For isotropic phases the cell problem is equivariant: if g is one of the 8 orthogonal
+maps R of the square, then solving on the transformed cell ``transform_image(image, R)``
+at the transformed state ``S_R state`` gives ``Q_R response`` and the tangent
+``Q_R tangent S_R⁻¹``. Thermal: S_R = diag(R, 1) acting on (G, θ), Q_R = R. Mechanical
+(tensor-shear Voigt): S_R = Q_R = the matrix of ε ↦ R ε Rᵀ in (ε11, ε22, ε12).
+"""
+
+import numpy as np
+
+__all__ = [
+    "D4",
+    "response_matrix",
+    "state_matrix",
+    "transform_image",
+    "transform_result",
+    "voigt_rotation",
+]
+
+_ROT90 = np.array([[0, -1], [1, 0]])
+_REFLECT = np.array([[1, 0], [0, -1]])
+#: The 8 orthogonal 2×2 integer matrices of the square's symmetry group.
+D4: tuple[np.ndarray, ...] = tuple(
+    np.linalg.matrix_power(_ROT90, k) @ m
+    for m in (np.eye(2, dtype=int), _REFLECT)
+    for k in range(4)
+)
+
+
+def transform_image(image: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """Image (…, n, n) of the cell mapped by x ↦ R (x − c) + c (c the cell centre)."""
+    r = np.asarray(rotation)
+    n = image.shape[-1]
+    u = 2 * np.arange(n) - (n - 1)  # voxel centres relative to c, in units of h/2
+    ui, uj = np.meshgrid(u, u, indexing="ij")
+    # new(x) = old(Rᵀ x): source offsets, then back to indices.
+    si = r[0, 0] * ui + r[1, 0] * uj
+    sj = r[0, 1] * ui + r[1, 1] * uj
+    return image[..., (si + n - 1) // 2, (sj + n - 1) // 2]
+
+
+def voigt_rotation(rotation: np.ndarray) -> np.ndarray:
+    """Matrix (3, 3) of ε ↦ R ε Rᵀ in tensor-shear Voigt order (ε11, ε22, ε12)."""
+    r = np.asarray(rotation, dtype=float)
+    basis = (
+        np.array([[1.0, 0.0], [0.0, 0.0]]),
+        np.array([[0.0, 0.0], [0.0, 1.0]]),
+        np.array([[0.0, 1.0], [1.0, 0.0]]),
+    )
+    cols = [r @ b @ r.T for b in basis]
+    return np.array([[c[0, 0], c[1, 1], c[0, 1]] for c in cols]).T
+
+
+def state_matrix(rotation: np.ndarray, physics: str) -> np.ndarray:
+    """Matrix (d, d) acting on a macro state of ``physics`` ("thermal" or "mechanical")."""
+    if physics == "thermal":
+        s = np.eye(3)
+        s[:2, :2] = rotation
+        return s
+    if physics == "mechanical":
+        return voigt_rotation(rotation)
+    raise ValueError(f"unknown physics {physics!r}: choose 'thermal' or 'mechanical'")
+
+
+def response_matrix(rotation: np.ndarray, physics: str) -> np.ndarray:
+    """Matrix (r, r) acting on a homogenized response of ``physics``."""
+    if physics == "thermal":
+        return np.asarray(rotation, dtype=float)
+    if physics == "mechanical":
+        return voigt_rotation(rotation)
+    raise ValueError(f"unknown physics {physics!r}: choose 'thermal' or 'mechanical'")
+
+
+def transform_result(
+    response: np.ndarray, tangent: np.ndarray, rotation: np.ndarray, physics: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map a response (N, r) and tangent (N, r, d) to those of the transformed problem."""
+    q = response_matrix(rotation, physics)
+    s_inv = np.linalg.inv(state_matrix(rotation, physics))
+    return response @ q.T, q @ tangent @ s_inv
