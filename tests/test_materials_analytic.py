@@ -37,7 +37,9 @@ def test_thermal_tangent_is_the_jacobian_of_the_flux():
     _, a, b = THERMAL.local(f, theta, g)
     jac = torch.func.vmap(torch.func.jacrev(lambda gi, fi: THERMAL.local(fi, theta, gi)[0]))
     flat = {k: v.reshape(-1) for k, v in f.items()}
-    np.testing.assert_allclose(jac(g.reshape(-1, 2), flat).numpy(), a.reshape(-1, 2, 2).numpy(), rtol=1e-13)
+    np.testing.assert_allclose(
+        jac(g.reshape(-1, 2), flat).numpy(), a.reshape(-1, 2, 2).numpy(), rtol=1e-13
+    )
     djac = torch.func.jacrev(lambda t: THERMAL.local(f, t, g)[0])(theta)
     np.testing.assert_allclose(djac.numpy(), b.numpy(), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(a.numpy(), np.swapaxes(a.numpy(), -1, -2))
@@ -101,7 +103,10 @@ def test_laminate_tangent_equals_finite_difference(physics, normal):
 def test_laminate_is_equivariant_under_quarter_turn():
     """Layers normal to e1 rotated by 90° are layers normal to e2."""
     r = D4[1]
-    for mat, state in ((THERMAL, np.array([0.7, -1.2, 0.4])), (equino_material(), np.array([0.03, -0.01, 0.02]))):
+    for mat, state in (
+        (THERMAL, np.array([0.7, -1.2, 0.4])),
+        (equino_material(), np.array([0.03, -0.01, 0.02])),
+    ):
         h1 = laminate_exact(mat, [0.6, 0.4], state, normal=1)
         h2 = laminate_exact(mat, [0.6, 0.4], state_matrix(r, mat.physics) @ state, normal=2)
         resp, tan = transform_result(h1.response, h1.tangent, r, mat.physics)

@@ -38,5 +38,8 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # One install: the package, DOLFINx (wheel with PETSc/petsc4py, MPICH, mpi4py) and dev tools.
 .venv/bin/python -m pip install --quiet -e ".[fem,dev]"
+# dolfinx-external-operator (host interop) needs --no-deps: it requires a distribution named
+# fenics-dolfinx, which the DOLFINx wheel does not declare (DESIGN.md §3).
+.venv/bin/python -m pip install --quiet --no-deps dolfinx-external-operator==0.11.0
 .venv/bin/python -c "import dolfinx_solver, dolfinx, torch, neuroscale_coupling; print('environment ready: neuroscale_coupling', neuroscale_coupling.__version__, '| DOLFINx', dolfinx.__version__, '| torch', torch.__version__)"
 touch .venv/.installed

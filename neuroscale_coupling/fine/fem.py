@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-# isort: split
-import dolfinx_solver  # noqa: F401  (loads MPI first; must precede dolfinx and petsc4py)
+import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFINx wheel)
 
 # isort: split
 import basix
@@ -51,15 +50,12 @@ from neuroscale_coupling.fine.cell_mesh import CellMesh
 from neuroscale_coupling.fine.protocol import FineSolveError, Homogenized, broadcast_cells
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.materials import MechanicalMaterial, ThermalMaterial
+from neuroscale_coupling.ufl_laws import mechanical_stress, thermal_flux
 
 __all__ = ["FESolver"]
 
 _log = get_logger(__name__)
 
-#: δ² added under the square root of ‖e‖ (EquiNO law): keeps the derivative of the norm
-#: finite at e = 0 (there e/‖e‖ → e/δ = 0) and changes ‖e‖ by δ²/(2‖e‖), i.e. nothing at
-#: double precision for any strain above 1e-20.
-_NORM_REG2 = 1e-60
 #: Tolerance for matching periodic partner nodes, relative to the cell size 1.
 _PERIODIC_TOL = 1e-8
 #: Absolute residual floor, in units of eps · max|q| · sqrt(#dofs) · h (round-off level).
@@ -429,8 +425,7 @@ def _thermal_forms(msh: Any, V: Any, params: dict[str, Any], dx: Any) -> dict[st
     theta = fem.Constant(msh, 0.0)
     g = ufl.variable(G + ufl.grad(phi))
     th = ufl.variable(theta)
-    a = params["k0"] * (1 + params["alpha"] * th)
-    q = a * (1 + params["beta"] * ufl.dot(g, g)) * g
+    q = thermal_flux(params, th, g)
     A = ufl.diff(q, g)  # (2, 2)
     dq_dth = ufl.diff(q, th)  # (2,)
     dq_ds = ufl.as_matrix([[A[i, 0], A[i, 1], dq_dth[i]] for i in range(2)])  # (2, 3)
@@ -455,13 +450,8 @@ def _mechanical_forms(msh: Any, V: Any, params: dict[str, Any], dx: Any) -> dict
     du = ufl.TrialFunction(V)
     E = fem.Constant(msh, np.zeros(3))
     E_t = ufl.as_matrix([[E[0], E[2]], [E[2], E[1]]])
-    eye = ufl.Identity(2)
     eps = ufl.variable(E_t + ufl.sym(ufl.grad(u)))
-    tr = ufl.tr(eps)
-    e = eps - tr / 3 * eye
-    norm = ufl.sqrt(ufl.inner(e, e) + _NORM_REG2)
-    mu = 2 * params["G"] + params["c1"] / (params["c2"] + norm)
-    sigma = params["K"] * tr * eye + mu * e
+    sigma = mechanical_stress(params, eps)
     A = ufl.diff(sigma, eps)  # (2, 2, 2, 2), ε11/ε12/ε21/ε22 as independent entries
     i, j, k, m = ufl.indices(4)
     units = [((1, 0), (0, 0)), ((0, 0), (0, 1)), ((0, 1), (1, 0))]  # ∂ε/∂E_j (E12 → ε12, ε21)

@@ -1,0 +1,211 @@
+"""The host-facing closure operator (DESIGN.md §7).
+
+A host calls ``evaluate(states)`` with the macro states at the quadrature points it owns
+on this rank and receives the homogenized response, its consistent tangent, a standard
+deviation and a mask of points that were solved exactly. Every call here is collective
+over the closure's communicator, also on a rank that owns no points.
+
+This module holds the contract and the exact-micro backend, :class:`ExactClosure`, which
+answers every point with a true fine-scale solve (the reference FE²): the work is spread
+evenly over the ranks and the results return to their owners.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver, broadcast_cells
+from neuroscale_coupling.log import get_logger
+from neuroscale_coupling.materials import Material
+from neuroscale_coupling.parallel import BlockPlan, collective_call, gather, scatter
+
+__all__ = ["Closure", "ClosureResult", "ExactClosure", "StepStats", "as_states"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ClosureResult:
+    """Answer for the n local points of one evaluate call.
+
+    response (n, r), tangent (n, r, d) = ∂response/∂state, std (n, r) (0 for exact
+    solves), exact (n,) bool: True where the point was answered by a fine solve.
+    """
+
+    response: np.ndarray
+    tangent: np.ndarray
+    std: np.ndarray
+    exact: np.ndarray
+
+
+@dataclass
+class StepStats:
+    """Statistics of one step, summed over ranks (times: slowest rank)."""
+
+    step: int
+    points: int = 0
+    evaluations: int = 0
+    exact_solves: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    seconds_surrogate: float = 0.0
+    seconds_fine: float = 0.0
+    max_std: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def as_states(states: Any, state_dim: int) -> np.ndarray:
+    """States as a float64 array (n, state_dim) from an array or a PETSc Vec.
+
+    A Vec holds the states point-major (n * state_dim local entries).
+    """
+    if hasattr(states, "getArray"):
+        states = states.getArray(readonly=True).reshape(-1, state_dim)
+    s = np.asarray(states)
+    if s.dtype.kind not in "fiu":
+        raise TypeError(f"closure states must be real numbers; got dtype {s.dtype}")
+    if s.ndim != 2 or s.shape[1] != state_dim:
+        raise ValueError(
+            f"closure states have shape (n_local, {state_dim}); got {s.shape}: pass one row "
+            "per local quadrature point"
+        )
+    return np.ascontiguousarray(s, dtype=np.float64)
+
+
+class Closure:
+    """Base of the closure backends: the collective contract and the step bookkeeping.
+
+    Subclasses implement ``_evaluate(states) -> ClosureResult`` on validated states.
+    """
+
+    def __init__(self, material: Material, n_local: int, *, comm: MPI.Comm) -> None:
+        self.material = material
+        self.comm = comm
+        self.n_local = int(n_local)
+        self.n_global = comm.allreduce(self.n_local)
+        self.history: list[StepStats] = []
+        self._step: StepStats | None = None
+
+    def begin_step(self, step: int) -> None:
+        """Start a step (collective): decisions that hold for the whole step are taken here."""
+        self._step = StepStats(step=int(step), points=self.n_global)
+
+    def end_step(self) -> StepStats:
+        """Close the step (collective) and return its statistics, also kept in ``history``."""
+        stats = self._current()
+        stats.exact_solves = self.comm.allreduce(stats.exact_solves)
+        stats.seconds_fine = self.comm.allreduce(stats.seconds_fine, op=MPI.MAX)
+        stats.seconds_surrogate = self.comm.allreduce(stats.seconds_surrogate, op=MPI.MAX)
+        stats.max_std = self.comm.allreduce(stats.max_std, op=MPI.MAX)
+        self.history.append(stats)
+        self._step = None
+        return stats
+
+    def _current(self) -> StepStats:
+        if self._step is None:
+            self.begin_step(len(self.history))
+        assert self._step is not None
+        return self._step
+
+    def evaluate(self, states: Any) -> ClosureResult:
+        """Response, tangent, std and exact-mask at this rank's points (collective).
+
+        states: (n_local, d) float64 array, or a PETSc Vec with n_local * d local entries.
+        """
+        s = as_states(states, self.material.state_dim)
+        if s.shape[0] != self.n_local:
+            raise ValueError(
+                f"evaluate got {s.shape[0]} states but this closure was set up for "
+                f"{self.n_local} local points"
+            )
+        bad = ~np.all(np.isfinite(s), axis=1)
+        n_bad = self.comm.allreduce(int(bad.sum()))
+        if n_bad:
+            where = np.flatnonzero(bad)
+            local = (
+                f"local point {where[0]} = {s[where[0]].tolist()}" if where.size else "none here"
+            )
+            raise ValueError(
+                f"{n_bad} macro state(s) are NaN/Inf ({local}, rank {self.comm.rank}): the host "
+                "Newton iterate diverged; reduce the load step or check the host solve"
+            )
+        stats = self._current()
+        stats.evaluations += 1
+        return self._evaluate(s)
+
+    def _evaluate(self, states: np.ndarray) -> ClosureResult:
+        raise NotImplementedError
+
+
+class ExactClosure(Closure):
+    """Every point answered by a fine-scale solve (the reference FE²).
+
+    cells: (n_local, n, n) phase images of this rank's points, fixed for the run. The
+    work is block-balanced over the ranks once, at construction (collective).
+    """
+
+    def __init__(
+        self, material: Material, solver: FineSolver, cells: np.ndarray, *, comm: MPI.Comm
+    ) -> None:
+        cells = np.asarray(cells)
+        if cells.ndim != 3:
+            raise ValueError(f"cells must be a stack (n_local, n, n); got shape {cells.shape}")
+        super().__init__(material, cells.shape[0], comm=comm)
+        sizes = comm.allgather(cells.shape[1:] if cells.shape[0] else None)
+        if len({s for s in sizes if s is not None}) > 1:
+            raise ValueError(f"all cells must have one resolution; ranks hold {sizes}")
+        self.solver = solver
+        self.plan = BlockPlan.balanced(comm, self.n_local)
+        local = broadcast_cells(cells, self.n_local, material.n_phases) if self.n_local else cells
+        self._work_cells = scatter(comm, self.plan, np.ascontiguousarray(local, dtype=np.int64))
+
+    @classmethod
+    def from_coordinates(
+        cls,
+        material: Material,
+        solver: FineSolver,
+        coordinates: np.ndarray,
+        cell_of: Callable[[np.ndarray], np.ndarray],
+        *,
+        comm: MPI.Comm,
+    ) -> "ExactClosure":
+        """Closure whose cells come from ``cell_of(coordinates (n_local, 2)) -> (n_local, n, n)``
+        (graded materials: the cell varies with the point's position)."""
+        coords = np.asarray(coordinates, dtype=np.float64).reshape(-1, 2)
+        return cls(material, solver, np.asarray(cell_of(coords)), comm=comm)
+
+    def _evaluate(self, states: np.ndarray) -> ClosureResult:
+        work_states = scatter(self.comm, self.plan, states)
+        t0 = time.perf_counter()
+
+        def solve() -> tuple[np.ndarray, np.ndarray]:
+            if self.plan.n_work == 0:
+                d, r = self.material.state_dim, self.material.response_dim
+                return np.empty((0, r)), np.empty((0, r, d))
+            try:
+                h = self.solver.solve(self._work_cells, work_states)
+            except FineSolveError as exc:
+                raise FineSolveError(
+                    self.plan.first_work + exc.index,
+                    exc.state,
+                    f"{exc.reason} (global point numbering: ranks' local points in rank order)",
+                ) from exc
+            return h.response, h.tangent
+
+        response, tangent = collective_call(self.comm, solve, "exact-micro closure")
+        stats = self._current()
+        stats.seconds_fine += time.perf_counter() - t0
+        stats.exact_solves += self.plan.n_work
+        response = gather(self.comm, self.plan, np.ascontiguousarray(response))
+        tangent = gather(self.comm, self.plan, np.ascontiguousarray(tangent))
+        return ClosureResult(
+            response=response,
+            tangent=tangent,
+            std=np.zeros_like(response),
+            exact=np.ones(self.n_local, dtype=bool),
+        )

@@ -1,0 +1,1 @@
+"""Host adapters: DOLFINx FE² problems and dolfinx-external-operator interop."""

@@ -1,0 +1,99 @@
+"""Closure contract and MPI redistribution (serial and mpiexec -n 2)."""
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from neuroscale_coupling.closure import ExactClosure, as_states
+from neuroscale_coupling.fine.protocol import FineSolveError
+from neuroscale_coupling.fine.spectral import SpectralSolver
+from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase
+from neuroscale_coupling.microstructure import circular_inclusion
+from neuroscale_coupling.parallel import BlockPlan, collective_call, gather, scatter
+
+MAT = ThermalMaterial(phases=(ThermalPhase(1.0, 0.2, 0.5), ThermalPhase(10.0, 0.1, 0.2)))
+
+
+def _unbalanced_points(comm, n_first=7):
+    """Rank 0 owns n_first points, the others none: the worst case for balance."""
+    n = n_first if comm.rank == 0 else 0
+    rng = np.random.default_rng(3)
+    states = rng.uniform(-1, 1, size=(n_first, 3))[:n]
+    vf = np.linspace(0.1, 0.5, n_first)[:n]
+    cells = np.stack([circular_inclusion(8, v) for v in vf]) if n else np.zeros((0, 8, 8), int)
+    return cells, states
+
+
+def test_block_plan_balances_and_round_trips(comm):
+    n_local = 10 if comm.rank == 0 else 0
+    plan = BlockPlan.balanced(comm, n_local)
+    total = comm.allreduce(n_local)
+    assert abs(plan.n_work - total / comm.size) <= 1
+    rows = np.arange(n_local * 3, dtype=np.float64).reshape(n_local, 3) + 100 * comm.rank
+    work = scatter(comm, plan, rows)
+    assert work.shape == (plan.n_work, 3)
+    np.testing.assert_array_equal(gather(comm, plan, work * 2), rows * 2)
+
+
+def test_exact_closure_equals_direct_solves_whatever_the_distribution(comm):
+    cells, states = _unbalanced_points(comm)
+    solver = SpectralSolver(MAT)
+    closure = ExactClosure(MAT, solver, cells, comm=comm)
+    closure.begin_step(0)
+    result = closure.evaluate(states)
+    stats = closure.end_step()
+    assert result.response.shape == (states.shape[0], 2)
+    assert result.tangent.shape == (states.shape[0], 2, 3)
+    assert np.all(result.std == 0) and np.all(result.exact)
+    if states.shape[0]:
+        direct = solver.solve(cells, states)
+        np.testing.assert_allclose(result.response, direct.response, rtol=1e-12)
+        np.testing.assert_allclose(result.tangent, direct.tangent, rtol=1e-10, atol=1e-12)
+    # Every rank worked: the block plan spread the 7 points.
+    assert closure.plan.n_work >= 7 // comm.size
+    assert stats.points == 7 and stats.exact_solves == 7 and stats.evaluations == 1
+
+
+def test_closure_accepts_petsc_vec():
+    from petsc4py import PETSc
+
+    from neuroscale_coupling import dolfinx_env  # noqa: F401
+
+    s = np.arange(6.0)
+    vec = PETSc.Vec().createWithArray(s, comm=MPI.COMM_SELF)
+    np.testing.assert_array_equal(as_states(vec, 3), s.reshape(2, 3))
+
+
+def test_nan_state_raises_on_every_rank(comm):
+    cells, states = _unbalanced_points(comm)
+    closure = ExactClosure(MAT, SpectralSolver(MAT), cells, comm=comm)
+    if comm.rank == 0:
+        states[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        closure.evaluate(states)
+
+
+def test_fine_failure_on_one_rank_raises_everywhere_naming_the_point(comm):
+    cells, states = _unbalanced_points(comm)
+    if comm.rank == 0:
+        states[-1] = [1.0, 1.0, -7.0]  # 1 + αθ < 0: an ill-posed cell problem
+    closure = ExactClosure(MAT, SpectralSolver(MAT), cells, comm=comm)
+    with pytest.raises((FineSolveError, RuntimeError), match=r"point 6|failed on another rank"):
+        closure.evaluate(states)
+
+
+def test_collective_call_propagates(comm):
+    def fail_on_last():
+        if comm.rank == comm.size - 1:
+            raise ValueError("boom")
+        return 1
+
+    with pytest.raises((ValueError, RuntimeError), match="boom"):
+        collective_call(comm, fail_on_last, "test")
+
+
+def test_wrong_number_of_states_is_a_clear_error(comm):
+    cells, states = _unbalanced_points(comm)
+    closure = ExactClosure(MAT, SpectralSolver(MAT), cells, comm=comm)
+    with pytest.raises(ValueError, match="shape"):
+        closure.evaluate(states[:, :2])
