@@ -60,7 +60,7 @@ _prefix = itertools.count()
 
 def homogeneous_closure(material, layout):
     cells = np.zeros((layout.n_local, CELL_N, CELL_N), dtype=np.int64)
-    return ExactClosure(material, FESolver(material), cells, comm=layout.mesh.comm)
+    return ExactClosure(material, FESolver(material), cells, comm=layout.msh.comm)
 
 
 def newton(F, u, J, bcs):
@@ -107,7 +107,7 @@ def thermal_problem(comm, *, closure):
     T_D.interpolate(lambda x: 1.0 + x[0] + 0.5 * x[1])
     bcs = [fem.dirichletbc(T_D, fem.locate_dofs_topological(V, 1, facets))]
     layout = quadrature_layout(msh, 2)
-    dx = layout.measure()
+    dx = layout.measure
     if closure:
         q = thermal_flux_operator(homogeneous_closure(THERMAL, layout), T, layout)
     else:
@@ -199,7 +199,7 @@ def mechanical_problem(comm, *, closure):
         fem.dirichletbc(np.array([0.01, 0.0]), fem.locate_dofs_topological(V, 1, right), V),
     ]
     layout = quadrature_layout(msh, 2)
-    dx = layout.measure()
+    dx = layout.measure
     eps_v = ufl.sym(ufl.grad(v))
     if closure:
         sigma = mechanical_stress_operator(homogeneous_closure(MECHANICAL, layout), u, layout)
@@ -261,7 +261,7 @@ def test_external_function_shapes_and_fixed_temperature(comm):
     closure = homogeneous_closure(THERMAL, layout)
     q = thermal_flux_operator(closure, T, layout, temperature=2.0)
     v = ufl.TestFunction(V)
-    dx = layout.measure()
+    dx = layout.measure
     F = ufl.inner(q, ufl.grad(v)) * dx
     J = ufl.derivative(F, T, ufl.TrialFunction(V))
     F_r, F_ops = replace_external_operators(F)
@@ -302,7 +302,7 @@ def test_mechanical_jacobian_matches_ufl(comm):
     layout = quadrature_layout(msh, 2)
     closure = homogeneous_closure(MECHANICAL, layout)
     sigma = mechanical_stress_operator(closure, u, layout)
-    v, du, dx = ufl.TestFunction(V), ufl.TrialFunction(V), layout.measure()
+    v, du, dx = ufl.TestFunction(V), ufl.TrialFunction(V), layout.measure
     F = ufl.inner(stress_tensor(sigma), ufl.sym(ufl.grad(v))) * dx
     F_r, F_ops = replace_external_operators(F)
     J_r, J_ops = replace_external_operators(ufl.derivative(F, u, du))

@@ -94,6 +94,17 @@ class MacroQuadrature:
             metadata={"quadrature_degree": self.degree, "quadrature_rule": "default"},
         )
 
+    @property
+    def n_owned_cells(self) -> int:
+        """Cells this rank owns."""
+        return int(self.cells.size)
+
+    @property
+    def n_cells(self) -> int:
+        """Cells of this rank, ghosts included."""
+        index_map = self.msh.topology.index_map(2)
+        return int(index_map.size_local + index_map.num_ghosts)
+
     def space(self, value_shape: tuple[int, ...]) -> Any:
         """A quadrature function space on this rule with the given value shape."""
         element = basix.ufl.quadrature_element(
@@ -314,7 +325,9 @@ class ThermalFE2Problem(_FE2Problem):
         self.steady = capacity is None
         v, dT = ufl.TestFunction(self.V), ufl.TrialFunction(self.V)
         dxq, T = quadrature.measure, self.u
-        F = ufl.inner(self.flux, ufl.grad(v)) * dxq - source * v * ufl.dx
+        if isinstance(source, int | float):
+            source = fem.Constant(msh, float(source))
+        F = ufl.inner(self.flux, ufl.grad(v)) * dxq - source * v * ufl.dx(domain=msh)
         J = ufl.inner(ufl.dot(self.dflux, ufl.grad(dT)) + self.dflux_dtheta * dT, ufl.grad(v)) * dxq
         if capacity is not None:
             c = fem.Constant(msh, float(capacity))

@@ -7,9 +7,9 @@ values of the operator's derivatives, which the package creates when the form is
 differentiated (``ufl.derivative``) and evaluates through the same external function::
 
     layout = quadrature_layout(msh, 2)
-    closure = ExactClosure(material, solver, cells_for(layout.coordinates()), comm=msh.comm)
+    closure = ExactClosure(material, solver, cells_for(layout.coordinates), comm=msh.comm)
     q = thermal_flux_operator(closure, T, layout)          # or mechanical_stress_operator
-    F = ufl.inner(q, ufl.grad(v)) * layout.measure() - f * v * layout.measure()
+    F = ufl.inner(q, ufl.grad(v)) * layout.measure - f * v * layout.measure
     J = ufl.derivative(F, T, ufl.TrialFunction(V))
     F_r, F_ops = replace_external_operators(F)
     J_r, J_ops = replace_external_operators(J)
@@ -34,9 +34,9 @@ What the package expects (checked on 0.11.0 with the DOLFINx 0.11 wheel):
 
 The closure's points are the quadrature points of the cells this rank OWNS, numbered
 ``k = c * n_q + q`` (owned cell ``c`` in local numbering, point ``q`` of the reference
-rule :attr:`QuadratureLayout.points`) — the numbering of
+rule :attr:`MacroQuadrature.points`) — the numbering of
 :class:`neuroscale_coupling.hosts.dolfinx_host.MacroQuadrature` too.
-:meth:`QuadratureLayout.coordinates` gives their physical coordinates in that order, so
+:attr:`MacroQuadrature.coordinates` gives their physical coordinates in that order, so
 a closure can be built for them.
 
 One closure call per iterate: the operator and its derivatives are evaluated through one
@@ -63,7 +63,6 @@ Choices:
 """
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -73,11 +72,10 @@ from mpi4py import MPI
 import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFINx wheel)
 
 # isort: split
-import basix.ufl
 import ufl
-from dolfinx import fem
 
 from neuroscale_coupling.closure import Closure, ClosureResult
+from neuroscale_coupling.hosts.dolfinx_host import MacroQuadrature, voigt_strain
 from neuroscale_coupling.log import get_logger
 
 try:
@@ -96,7 +94,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "ClosureExternalFunction",
-    "QuadratureLayout",
     "attach_to_nonlinear_problem",
     "mechanical_stress_operator",
     "quadrature_coordinates",
@@ -104,93 +101,28 @@ __all__ = [
     "stress_tensor",
     "thermal_flux_operator",
     "update_external_operators",
-    "voigt_strain",
 ]
 
 log = get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class QuadratureLayout:
-    """The quadrature rule of a mesh and the numbering of the closure's local points.
-
-    mesh: the DOLFINx mesh; degree, scheme: of basix.ufl.quadrature_element; points:
-    (n_q, tdim) reference points of one cell; n_owned_cells, n_ghost_cells: cells of this
-    rank. Local point k = c * n_q + q for owned cell c (local numbering) and point q.
-    """
-
-    mesh: Any
-    degree: int
-    scheme: str
-    points: np.ndarray
-
-    @property
-    def n_q(self) -> int:
-        """Quadrature points per cell."""
-        return int(self.points.shape[0])
-
-    @property
-    def n_owned_cells(self) -> int:
-        return int(self.mesh.topology.index_map(self.mesh.topology.dim).size_local)
-
-    @property
-    def n_cells(self) -> int:
-        """Cells of this rank, ghosts included (what ``evaluate_operands`` evaluates)."""
-        im = self.mesh.topology.index_map(self.mesh.topology.dim)
-        return int(im.size_local + im.num_ghosts)
-
-    @property
-    def n_local(self) -> int:
-        """The closure's local points: n_owned_cells * n_q."""
-        return self.n_owned_cells * self.n_q
-
-    def space(self, value_shape: tuple[int, ...] = ()) -> Any:
-        """Quadrature function space of this rule with values of ``value_shape``."""
-        element = basix.ufl.quadrature_element(
-            self.mesh.topology.cell_name(),
-            value_shape=tuple(value_shape),
-            scheme=self.scheme,
-            degree=self.degree,
-        )
-        return fem.functionspace(self.mesh, element)
-
-    def measure(self) -> Any:
-        """``ufl.dx`` with this rule: forms with the operators must integrate with it."""
-        return ufl.Measure(
-            "dx",
-            domain=self.mesh,
-            metadata={"quadrature_degree": self.degree, "quadrature_scheme": self.scheme},
-        )
-
-    def coordinates(self) -> np.ndarray:
-        """Physical coordinates of the local points, (n_local, gdim), in point order."""
-        cells = np.arange(self.n_owned_cells, dtype=np.int32)
-        expr = fem.Expression(ufl.SpatialCoordinate(self.mesh), self.points)
-        x = expr.eval(self.mesh, cells)
-        return np.ascontiguousarray(x.reshape(self.n_local, -1))
-
-
-def quadrature_layout(msh: Any, degree: int, *, scheme: str = "default") -> QuadratureLayout:
-    """The layout of the quadrature rule of ``degree`` on ``msh`` (not collective)."""
+def quadrature_layout(msh: Any, degree: int) -> MacroQuadrature:
+    """The quadrature rule of ``degree`` on ``msh``, checked for the package's value
+    layout (not collective)."""
     if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree < 0:
         raise ValueError(f"quadrature degree={degree!r}: give an integer >= 0, e.g. 2")
-    element = basix.ufl.quadrature_element(
-        msh.topology.cell_name(), value_shape=(), scheme=scheme, degree=int(degree)
-    )
-    space = fem.functionspace(msh, element)
-    points = np.array(space.element.interpolation_points, dtype=np.float64)
-    layout = QuadratureLayout(mesh=msh, degree=int(degree), scheme=scheme, points=points)
-    _check_contiguous(space, layout)
+    layout = MacroQuadrature(msh, int(degree))
+    _check_contiguous(layout.space(()), layout)
     return layout
 
 
-def quadrature_coordinates(msh: Any, degree: int, *, scheme: str = "default") -> np.ndarray:
-    """Coordinates (n_owned_cells * n_q, gdim) of the closure's local points, owned cells
+def quadrature_coordinates(msh: Any, degree: int) -> np.ndarray:
+    """Coordinates (n_owned_cells * n_q, 2) of the closure's local points, owned cells
     in local order, then the points of a cell (not collective)."""
-    return quadrature_layout(msh, degree, scheme=scheme).coordinates()
+    return quadrature_layout(msh, degree).coordinates
 
 
-def _check_contiguous(space: Any, layout: QuadratureLayout) -> None:
+def _check_contiguous(space: Any, layout: MacroQuadrature) -> None:
     """The package writes values contiguously: the dofs must run cell by cell, owned first."""
     dofs = space.dofmap.list
     if dofs.shape != (layout.n_cells, layout.n_q) or not np.array_equal(
@@ -212,7 +144,7 @@ class ClosureExternalFunction:
     """The ``external_function`` of a FEMExternalOperator, backed by a closure.
 
     closure: any :class:`~neuroscale_coupling.closure.Closure` built for
-    ``layout.n_local`` points (see :meth:`QuadratureLayout.coordinates`), on a
+    ``layout.n_local`` points (see :attr:`MacroQuadrature.coordinates`), on a
     communicator with the mesh's processes.
     operand_columns: for each operand of the operator, in order, the closure state
     columns it supplies, e.g. ``((0, 1), (2,))`` for (∇T, T) of a thermal state
@@ -228,25 +160,25 @@ class ClosureExternalFunction:
     def __init__(
         self,
         closure: Closure,
-        layout: QuadratureLayout,
+        layout: MacroQuadrature,
         *,
         operand_columns: Sequence[Sequence[int]],
         fixed_states: Mapping[int, float] | None = None,
     ) -> None:
         if not isinstance(closure, Closure):
             raise TypeError(f"closure must be a neuroscale_coupling Closure; got {closure!r}")
-        if not isinstance(layout, QuadratureLayout):
+        if not isinstance(layout, MacroQuadrature):
             raise TypeError(f"layout must come from quadrature_layout(); got {layout!r}")
         if closure.n_local != layout.n_local:
             raise ValueError(
                 f"the closure has {closure.n_local} local points but the quadrature layout "
                 f"has {layout.n_local} (owned cells {layout.n_owned_cells} x {layout.n_q} "
-                "points): build the closure for layout.coordinates()"
+                "points): build the closure for layout.coordinates"
             )
-        if closure.comm.size != layout.mesh.comm.size:
+        if closure.comm.size != layout.msh.comm.size:
             raise ValueError(
                 f"the closure's communicator has {closure.comm.size} ranks, the mesh's "
-                f"{layout.mesh.comm.size}: build the closure with comm=msh.comm"
+                f"{layout.msh.comm.size}: build the closure with comm=msh.comm"
             )
         d = closure.material.state_dim
         fixed = {int(k): float(v) for k, v in (fixed_states or {}).items()}
@@ -340,7 +272,7 @@ class ClosureExternalFunction:
                     f"operand {i} was evaluated with shape {a.shape}; expected "
                     f"({lay.n_cells}, {n_q}, ...) = all cells of the rank (ghosts included) "
                     "x quadrature points: call evaluate_operands with its default entities "
-                    "and integrate with layout.measure()"
+                    "and integrate with layout.measure"
                 )
             a = a[:n_own].reshape(n_own * n_q, -1)
             if a.shape[1] != len(cols):
@@ -363,7 +295,7 @@ def _check_physics(closure: Closure, physics: str, builder: str) -> None:
 def thermal_flux_operator(
     closure: Closure,
     T: Any,
-    layout: QuadratureLayout,
+    layout: MacroQuadrature,
     *,
     temperature: float | Any | None = None,
     name: str = "Q",
@@ -373,7 +305,7 @@ def thermal_flux_operator(
     T: the temperature Function. temperature: None (default) → θ = T, a second operand,
     so that J gets ∂Q/∂θ δT; a float → θ fixed at that value (single operand ∇T); a
     scalar UFL expression → that expression as the second operand.
-    Use with ``ufl.inner(Q, ufl.grad(v)) * layout.measure()``.
+    Use with ``ufl.inner(Q, ufl.grad(v)) * layout.measure``.
     """
     _check_physics(closure, "thermal", "thermal_flux_operator")
     if temperature is None or not isinstance(temperature, int | float | np.floating):
@@ -394,12 +326,6 @@ def thermal_flux_operator(
     )
 
 
-def voigt_strain(u: Any) -> Any:
-    """Tensor-shear Voigt vector (ε11, ε22, ε12) of the symmetric gradient of u."""
-    e = ufl.sym(ufl.grad(u))
-    return ufl.as_vector([e[0, 0], e[1, 1], e[0, 1]])
-
-
 def stress_tensor(sigma: Any) -> Any:
     """2×2 tensor of a Voigt stress (σ11, σ22, σ12): ``inner(stress_tensor(σ), sym(grad v))``
     = σ11ε11 + σ22ε22 + 2σ12ε12, the internal work that counts the shear twice."""
@@ -407,12 +333,12 @@ def stress_tensor(sigma: Any) -> Any:
 
 
 def mechanical_stress_operator(
-    closure: Closure, u: Any, layout: QuadratureLayout, *, name: str = "Sigma"
+    closure: Closure, u: Any, layout: MacroQuadrature, *, name: str = "Sigma"
 ) -> Any:
     """FEMExternalOperator Σ(ε(u)) in tensor-shear Voigt (value shape (3,)) answered by a
     mechanical closure; its derivative is the closure's dΣ/dE (3, 3).
 
-    Use with ``ufl.inner(stress_tensor(Sigma), ufl.sym(ufl.grad(v))) * layout.measure()``.
+    Use with ``ufl.inner(stress_tensor(Sigma), ufl.sym(ufl.grad(v))) * layout.measure``.
     """
     _check_physics(closure, "mechanical", "mechanical_stress_operator")
     ext = ClosureExternalFunction(closure, layout, operand_columns=((0, 1, 2),))

@@ -1,0 +1,48 @@
+"""The examples run as tests at small size (serial and mpiexec -n 2)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _shared_dir(comm, tmp_path, name):
+    return comm.bcast(str(tmp_path / name) if comm.rank == 0 else None)
+
+
+def test_fe2_thermal_example(comm, tmp_path):
+    out = _shared_dir(comm, tmp_path, "thermal")
+    summary = _load("fe2_thermal").main(
+        ["--macro", "2", "--cell-n", "8", "--steps", "2", "--output", out, "--quiet"]
+    )
+    assert summary["points"] == 4 * 2 * 4  # 4 × 2 quadrilaterals, 2×2 Gauss points
+    assert len(summary["steps"]) == 2
+    for step in summary["steps"]:
+        assert step["converged_reason"] > 0
+        assert step["closure_calls"] == step["iterations"] + 1
+        assert step["closure_stats"]["exact_solves"] == step["closure_calls"] * summary["points"]
+    if comm.rank == 0:
+        on_disk = json.loads((Path(out) / "summary.json").read_text())
+        assert on_disk["newton_iterations"] == summary["newton_iterations"]
+        assert (Path(out) / "fields.xdmf").exists() and (Path(out) / "fields.h5").exists()
+
+
+def test_fe2_mechanical_example(comm, tmp_path):
+    out = _shared_dir(comm, tmp_path, "mechanical")
+    summary = _load("fe2_mechanical").main(
+        ["--macro", "2", "--cell-n", "8", "--steps", "2", "--output", out, "--quiet"]
+    )
+    deflection = np.array([s["corner_deflection"] for s in summary["steps"]])
+    # Upward traction lifts the tip; the composite softens a little under load.
+    assert np.all(deflection > 0) and 1.9 < deflection[1] / deflection[0] < 2.2
+    assert all(s["converged_reason"] > 0 for s in summary["steps"])
