@@ -18,6 +18,7 @@ run: $(STAMP)
 	$(VENV)/bin/neuroscale homogenize --cell centre_and_corner_fibres --n 64 \
 	    --param volume_fraction=0.45 --physics mechanical --solver fem \
 	    --state 0.02,-0.01,0.01 --json results/homogenize.json
+	$(PY) examples/fe2_thermal.py --output results/fe2_thermal --dns 4
 
 test: test-serial test-mpi
 
