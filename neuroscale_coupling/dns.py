@@ -20,8 +20,9 @@ Physics (the phase laws of :mod:`neuroscale_coupling.materials`, in UFL from
 - thermal, steady or backward Euler: ``c ∂T/∂t − div q = f``, ``q = k(T, ∇T) ∇T``,
   ``k = k0 (1 + α T)(1 + β |∇T|²)`` of the local phase (the local temperature T plays the
   part of the macro θ of the cell problems); Dirichlet conditions;
-- mechanical, quasi-static plane strain: ``div σ + λ b = 0`` with the EquiNO-type law per
-  phase; Dirichlet values (and body force b) scaled by the load factor λ of each step.
+- mechanical, quasi-static plane strain: ``div σ + λ b = 0``, ``σ n = λ t`` on the
+  traction boundary, with the EquiNO-type law per phase; Dirichlet values, body force b
+  and boundary traction t scaled by the load factor λ of each step.
 
 Each step is one SNES Newton solve (``dolfinx.fem.petsc.NonlinearProblem``, LU by MUMPS
 by default); a step that does not converge restores the previous solution and raises
@@ -446,14 +447,21 @@ class ThermalDNS(_DNSBase):
 class MechanicalDNS(_DNSBase):
     """Quasi-static plane-strain nonlinear elasticity with a resolved microstructure.
 
-    Solves ``div σ(ε(u)) + λ b = 0`` with ``u = λ g`` on the Dirichlet boundary, λ the load
-    factor of the step (``solve_step(load)``).
+    Solves ``div σ(ε(u)) + λ b = 0`` with ``u = λ g`` on the Dirichlet boundary and
+    ``σ n = λ t`` where a traction is given, λ the load factor of the step
+    (``solve_step(load)``).
 
     msh, material (MechanicalMaterial), cell_of, epsilon, origin: as in ThermalDNS.
     bcs: sequence of DirichletBC on the vector space V (or its sub-spaces), or a callable
     V → sequence. Their values (Function or Constant) hold the full load λ = 1: this
     object takes them over and sets them to λ × that value at every step.
     body_force: None or a UFL vector (2,), scaled by λ as well.
+    traction: None or a callable ``(v, load) -> form``, the external work ``∫_Γ t·v ds``
+    of the full traction at load factor ``load`` (a UFL scalar, the Constant λ of the
+    step), e.g. ``lambda v, load: load * t * v[1] * ds(1)`` with ``ds`` a Measure on
+    ``msh`` (and subdomain_data for the tagged boundary part); the same callable as
+    MechanicalFE2Problem's ``traction``. It must be linear in v and scale the traction by
+    ``load`` itself (as the example shows).
     V: the vector Lagrange space to use, else ``functionspace(msh, ("Lagrange", degree,
     (2,)))``; degree, quadrature_degree, petsc_options: as in ThermalDNS.
 
@@ -470,12 +478,18 @@ class MechanicalDNS(_DNSBase):
         *,
         bcs: Sequence[Any] | Callable[[Any], Sequence[Any]],
         body_force: Any = None,
+        traction: Callable[[Any, Any], Any] | None = None,
         V: Any = None,
         degree: int = 1,
         quadrature_degree: int | None = None,
         origin: Sequence[float] = (0.0, 0.0),
         petsc_options: dict[str, Any] | None = None,
     ) -> None:
+        if traction is not None and not callable(traction):
+            raise TypeError(
+                f"traction must be None or a callable (v, load) -> boundary form; got "
+                f"{type(traction).__name__}: wrap it, e.g. lambda v, load: load * t * v[1] * ds"
+            )
         if not isinstance(material, MechanicalMaterial):
             raise TypeError(
                 f"MechanicalDNS needs a MechanicalMaterial; got {type(material).__name__}"
@@ -504,6 +518,8 @@ class MechanicalDNS(_DNSBase):
         F = ufl.inner(self.sigma, ufl.sym(ufl.grad(v))) * self.dx
         if body_force is not None:
             F -= self._lam * ufl.inner(body_force, v) * self.dx
+        if traction is not None:
+            F -= traction(v, self._lam)
         self._make_problem(F, self.u, petsc_options)
 
     @staticmethod

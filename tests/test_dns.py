@@ -213,6 +213,54 @@ def test_mechanical_homogeneous_affine_field_is_exact(comm):
     assert dns.load == 1.0
 
 
+def test_mechanical_traction_gives_exact_uniaxial_stress(comm):
+    """Linear elastic strip [0, 2] × [0, 1], roller on x1 = 0 (plus u2 = 0 at the origin),
+    uniform traction λ t e1 on x1 = 2, free top and bottom: the plane-strain uniaxial-stress
+    field u = λ (ε11 x1, ε22 x2) is affine, hence the discrete solution, at every load
+    step, and the mean stress is (λ t, 0, 0)."""
+    fibre = MechanicalMaterial(phases=(EQUINO.phases[1],))
+    K, G = fibre.phases[0].K, fibre.phases[0].G
+    lame, a = K - 2 * G / 3, K + 4 * G / 3  # σ = lame tr(ε) I + 2 G ε; a = lame + 2 G
+    t = 250.0
+    e11 = t * a / (a**2 - lame**2)
+    e22 = -lame / a * e11
+    msh = mesh.create_rectangle(
+        comm, [np.zeros(2), np.array([2.0, 1.0])], [8, 4], mesh.CellType.quadrilateral
+    )
+    right = mesh.locate_entities_boundary(msh, 1, lambda x: np.isclose(x[0], 2.0))
+    tags = mesh.meshtags(msh, 1, right, np.full(right.size, 3, dtype=np.int32))
+    ds = ufl.Measure("ds", domain=msh, subdomain_data=tags)
+
+    def bcs(V):
+        left = mesh.locate_entities_boundary(msh, 1, lambda x: np.isclose(x[0], 0.0))
+        origin = mesh.locate_entities_boundary(
+            msh, 0, lambda x: np.isclose(x[0], 0.0) & np.isclose(x[1], 0.0)
+        )
+        zero = fem.Constant(msh, 0.0)
+        return [
+            fem.dirichletbc(zero, fem.locate_dofs_topological(V.sub(0), 1, left), V.sub(0)),
+            fem.dirichletbc(zero, fem.locate_dofs_topological(V.sub(1), 0, origin), V.sub(1)),
+        ]
+
+    dns = MechanicalDNS(
+        msh,
+        fibre,
+        np.zeros((2, 2), dtype=int),
+        0.5,
+        bcs=bcs,
+        traction=lambda v, load: load * t * v[0] * ds(3),
+    )
+    exact = fem.Function(dns.V)
+    for load in (0.5, 1.0):
+        dns.solve_step(load)
+        exact.interpolate(lambda x, s=load: np.vstack([s * e11 * x[0], s * e22 * x[1]]))
+        scale = load * e11 * 2.0
+        assert np.abs(dns.u.x.array - exact.x.array).max() < 1e-10 * scale
+        np.testing.assert_allclose(dns.mean_stress(), [load * t, 0, 0], atol=1e-9 * t)
+    with pytest.raises(TypeError, match="traction"):
+        MechanicalDNS(msh, fibre, np.zeros((2, 2), dtype=int), 0.5, bcs=bcs, traction=1.0)
+
+
 # ---------------------------------------------------------------------- microstructure map
 def test_graded_phase_map_is_voxel_exact(comm):
     """cell_of gets the period centres; each mesh cell takes the voxel of its midpoint

@@ -51,3 +51,22 @@ def test_fe2_mechanical_example(comm, tmp_path):
     # Upward traction lifts the tip; the composite softens a little under load.
     assert np.all(deflection > 0) and 1.9 < deflection[1] / deflection[0] < 2.2
     assert all(s["converged_reason"] > 0 for s in summary["steps"])
+
+
+def test_fe2_mechanical_example_dns_option(comm, tmp_path):
+    """--dns runs the DNS of the membrane and records the comparison (its ε-convergence
+    is shown on a square in tests/test_fe2.py; Cook's membrane needs fine meshes)."""
+    out = _shared_dir(comm, tmp_path, "mechanical_dns")
+    summary = _load("fe2_mechanical").main(
+        ["--macro", "4", "--cell-n", "8", "--steps", "2", "--output", out, "--quiet",
+         "--dns", "4"]
+    )  # fmt: skip
+    (record,) = summary["dns_comparison"]
+    fe2 = np.array([s["corner_deflection"] for s in summary["steps"]])
+    np.testing.assert_allclose(record["tip_deflection_fe2"], fe2, rtol=1e-12)
+    dns = np.array(record["tip_deflection_dns"])
+    assert np.all(dns > 0) and np.all(np.isfinite(record["relative_l2"]))
+    assert dns[1] / dns[0] > 1.9  # the DNS carries the full load (no collapse)
+    if comm.rank == 0:
+        on_disk = json.loads((Path(out) / "summary.json").read_text())
+        assert on_disk["dns_comparison"][0]["relative_l2"] == record["relative_l2"]

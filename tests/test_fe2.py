@@ -22,7 +22,8 @@ from dolfinx.fem.petsc import NonlinearProblem
 from neuroscale_coupling.analytic import laminate_exact
 from neuroscale_coupling.closure import ExactClosure
 from neuroscale_coupling.coupling import TwoScaleDriver
-from neuroscale_coupling.dns import ThermalDNS, gather_dof_values
+from neuroscale_coupling.dns import MechanicalDNS, ThermalDNS, gather_dof_values
+from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.fine.spectral import SpectralSolver
 from neuroscale_coupling.hosts.dolfinx_host import (
     MacroQuadrature,
@@ -237,3 +238,35 @@ def test_two_scale_run_approaches_dns_as_epsilon_shrinks(comm):
     # O(ε): halving the period about halves the difference.
     assert diffs[1] < 0.6 * diffs[0], diffs
     assert diffs[1] < 0.03, diffs
+
+
+def test_mechanical_two_scale_run_approaches_dns_as_epsilon_shrinks(comm):
+    """EquiNO fibre composite on the unit square, displacement u = (0.03 x y,
+    -0.02 y + 0.02 x²) on the boundary: FE² (macro 8²) against DNS (ε = 1/4, 1/8).
+
+    Measured: relative L2 difference of u 0.0739 (ε = 1/4), 0.0382 (ε = 1/8), the same
+    with a 16² macro mesh: the O(ε) homogenization error."""
+    material = equino_material()
+    cell = centre_and_corner_fibres(8, 0.45)
+
+    def disp(x):
+        return np.vstack([0.03 * x[0] * x[1], -0.02 * x[1] + 0.02 * x[0] ** 2])
+
+    msh = mesh.create_unit_square(comm, 8, 8, mesh.CellType.quadrilateral)
+    quad = MacroQuadrature(msh, 2)
+    cells = np.broadcast_to(cell, (quad.n_local, 8, 8))
+    closure = ExactClosure(material, FESolver(material), cells, comm=comm)
+    fe2 = MechanicalFE2Problem(quad, closure, bcs=_boundary_bcs(msh, disp))
+    fe2.solve_step()
+    diffs = []
+    for inv_eps in (4, 8):
+        fine = mesh.create_unit_square(comm, 8 * inv_eps, 8 * inv_eps, mesh.CellType.quadrilateral)
+        dns = MechanicalDNS(fine, material, cell, 1.0 / inv_eps, bcs=_boundary_bcs(fine, disp))
+        dns.solve_step(1.0)
+        on_fine = fem.Function(dns.V)
+        owned = np.arange(fine.topology.index_map(2).size_local, dtype=np.int32)
+        on_fine.interpolate_nonmatching(
+            fe2.u, owned, fem.create_interpolation_data(dns.V, fe2.V, owned)
+        )
+        diffs.append(_rel_l2(dns.u, on_fine, ufl.dx))
+    assert diffs[1] < 0.6 * diffs[0] and diffs[1] < 0.05, diffs

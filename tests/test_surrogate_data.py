@@ -1,0 +1,293 @@
+"""Surrogate datasets: deterministic generation (1 rank = P ranks), responses equal direct
+fine solves, Sobol states fill the domain, split by microstructure, atomic save/load,
+per-scale wavelet normalization and exact inverse state/response normalization."""
+
+import os
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+pytest.importorskip("dolfinx_solver")
+
+from conftest import assert_same_on_all_ranks
+
+from neuroscale_coupling.fine.fem import FESolver
+from neuroscale_coupling.fine.protocol import FineSolveError
+from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase, equino_material
+from neuroscale_coupling.surrogate.data import (
+    CellFamily,
+    CellMember,
+    Dataset,
+    DatasetSpec,
+    Normalization,
+    StateDomain,
+    WaveletNormalizer,
+    generate,
+    phase_values,
+    split,
+)
+
+THERMAL = ThermalMaterial(
+    phases=(ThermalPhase(k0=1.0, alpha=0.3, beta=0.5), ThermalPhase(k0=10.0, alpha=-0.2, beta=1.0))
+)
+FAMILY = CellFamily(
+    (
+        CellMember("circular_inclusion", ranges={"volume_fraction": (0.05, 0.6)}),
+        CellMember(
+            "random_inclusions",
+            fixed={"n_inclusions": 3},
+            ranges={"volume_fraction": (0.05, 0.4)},
+        ),
+    ),
+    n=16,
+)
+DOMAIN = StateDomain.for_material(THERMAL, (-2.0, -2.0, 0.0), (2.0, 2.0, 1.0))
+SPEC = DatasetSpec(THERMAL, FAMILY, DOMAIN, n_cells=10, states_per_cell=4, seed=7)
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    return generate(SPEC, comm=MPI.COMM_WORLD, progress=False)
+
+
+def test_generation_deterministic_and_rank_independent(dataset, comm):
+    serial = generate(SPEC, comm=MPI.COMM_SELF, progress=False)
+    for name in ("images", "cell_index", "states", "response", "tangent", "newton_iterations"):
+        np.testing.assert_array_equal(getattr(serial, name), getattr(dataset, name), err_msg=name)
+    assert serial.cells == dataset.cells
+    assert_same_on_all_ranks(comm, dataset.response)
+    assert_same_on_all_ranks(comm, dataset.tangent)
+    other = generate(
+        DatasetSpec(THERMAL, FAMILY, DOMAIN, n_cells=10, states_per_cell=4, seed=8),
+        comm=MPI.COMM_SELF,
+        progress=False,
+    )
+    assert not np.array_equal(other.states, dataset.states)
+    assert dataset.metadata["generation"]["ranks"] == comm.size
+
+
+def test_shapes_and_metadata(dataset):
+    n = SPEC.n_samples
+    assert dataset.images.shape == (10, 16, 16) and dataset.images.dtype == np.int8
+    assert dataset.states.shape == (n, 3)
+    assert dataset.response.shape == (n, 2) and dataset.tangent.shape == (n, 2, 3)
+    np.testing.assert_array_equal(np.bincount(dataset.cell_index), np.full(10, 4))
+    assert dataset.spec == SPEC
+    assert {c["generator"] for c in dataset.cells} <= {"circular_inclusion", "random_inclusions"}
+    vf = [c["params"]["volume_fraction"] for c in dataset.cells]
+    assert all(0.05 <= v <= 0.6 for v in vf)
+    assert np.all(dataset.newton_iterations >= 1)
+
+
+def test_responses_equal_direct_solves(dataset):
+    solver = FESolver(THERMAL)
+    for p in (0, 5, 17, len(dataset) - 1):
+        image = dataset.images[dataset.cell_index[p]].astype(np.int64)
+        direct = solver.solve(image, dataset.states[p])
+        np.testing.assert_allclose(direct.response[0], dataset.response[p], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(direct.tangent[0], dataset.tangent[p], rtol=0, atol=1e-11)
+
+
+def test_states_fill_domain():
+    states = DOMAIN.sample(256, 3)
+    assert np.all(DOMAIN.contains(states))
+    lo, hi = np.asarray(DOMAIN.lower), np.asarray(DOMAIN.upper)
+    width = hi - lo
+    np.testing.assert_array_less(states.min(0) - lo, 0.01 * width)
+    np.testing.assert_array_less(hi - states.max(0), 0.01 * width)
+    # Sobol: each of 16 equal bins per component holds 16 ± 2 of the 256 points.
+    for j in range(3):
+        counts = np.histogram(states[:, j], bins=16, range=(lo[j], hi[j]))[0]
+        assert counts.min() >= 14 and counts.max() <= 18, counts
+    np.testing.assert_array_equal(states, DOMAIN.sample(256, 3))
+
+
+def test_domain_distance_outside():
+    d = DOMAIN.distance_outside([[0.0, 0.0, 0.5], [3.0, 0.0, 0.5], [0.0, -2.0, -1.0], [0, 0, 1]])
+    np.testing.assert_allclose(d, [0.0, 0.5, 2.0, 0.0])
+    np.testing.assert_array_equal(DOMAIN.contains([[3.0, 0, 0.5]], tol=0.5), [True])
+    with pytest.raises(ValueError, match="shape"):
+        DOMAIN.contains(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="lower < upper"):
+        StateDomain((0.0,), (0.0,), ("a",))
+
+
+def test_family_draw_reproducible():
+    a, ra = FAMILY.draw(16, 5)
+    b, rb = FAMILY.draw(16, 5)
+    np.testing.assert_array_equal(a, b)
+    assert ra == rb
+    assert {r["generator"] for r in ra} == {"circular_inclusion", "random_inclusions"}
+    mech = CellFamily(
+        (
+            CellMember("centre_and_corner_fibres", ranges={"volume_fraction": (0.3, 0.6)}),
+            CellMember("circular_inclusion", ranges={"volume_fraction": (0.3, 0.6)}),
+        ),
+        n=16,
+    )
+    images, _ = mech.draw(8, 0)
+    fractions = images.reshape(8, -1).mean(1)
+    assert np.all((fractions > 0.2) & (fractions < 0.7))
+    with pytest.raises(ValueError, match="no parameter"):
+        CellMember("laminate", ranges={"radius": (0.1, 0.2)})
+    with pytest.raises(ValueError, match="unknown cell generator"):
+        CellMember("nope")
+
+
+def test_split_by_microstructure(dataset):
+    spec = DatasetSpec(THERMAL, FAMILY, DOMAIN, n_cells=40, states_per_cell=2, seed=1)
+    images, records = spec.family.draw(40, 0)
+    n = 80
+    big = Dataset(
+        images=images,
+        cell_ids=np.arange(40),
+        cell_index=np.repeat(np.arange(40), 2),
+        states=np.zeros((n, 3)),
+        response=np.zeros((n, 2)),
+        tangent=np.zeros((n, 2, 3)),
+        newton_iterations=np.zeros(n, dtype=np.int64),
+        cells=records,
+        metadata={"spec": spec.to_dict()},
+    )
+    # tolerance: one cell's share of the samples (the split deals whole cells)
+    for data, tol in ((big, 0.05), (dataset, 0.1)):
+        train, val, test = split(data, seed=3)
+        assert len(train) + len(val) + len(test) == len(data)
+        train_images = {im.tobytes() for im in train.images}
+        for part in (val, test):
+            assert len(part) > 0
+            assert not train_images & {im.tobytes() for im in part.images}
+            assert not set(train.cell_ids) & set(part.cell_ids)
+        assert not set(val.cell_ids) & set(test.cell_ids)
+        for part, f in zip((train, val, test), (0.7, 0.15, 0.15), strict=True):
+            assert abs(len(part) / len(data) - f) <= tol + 1e-12, (len(part), len(data))
+            assert part.metadata["split"]["name"] in ("train", "val", "test")
+        # samples keep their data: a test sample's image and state match the original
+        k = test.cell_ids[test.cell_index[0]]
+        np.testing.assert_array_equal(test.images[test.cell_index[0]], data.images[k])
+    a = split(dataset, seed=3)[2]
+    b = split(dataset, seed=3)[2]
+    np.testing.assert_array_equal(a.cell_ids, b.cell_ids)
+
+
+def test_split_groups_identical_images():
+    images = np.zeros((12, 8, 8), dtype=np.int8)
+    for c in range(12):  # 6 distinct images, each twice (cells 2g, 2g + 1)
+        images[c, 0, : c // 2 + 1] = 1
+    data = Dataset(
+        images=images,
+        cell_ids=np.arange(12),
+        cell_index=np.arange(12),
+        states=np.zeros((12, 3)),
+        response=np.zeros((12, 2)),
+        tangent=np.zeros((12, 2, 3)),
+        newton_iterations=np.zeros(12, dtype=np.int64),
+    )
+    train, val, test = split(data, seed=0)
+    for part in (val, test):
+        assert not {im.tobytes() for im in train.images} & {im.tobytes() for im in part.images}
+        assert len(part) >= 2
+
+
+def test_save_load_roundtrip_and_atomic(dataset, tmp_path, monkeypatch):
+    import torch
+
+    path = tmp_path / f"data_{MPI.COMM_WORLD.rank}.pt"
+    dataset.save(path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "neuroscale-dataset"
+    back = Dataset.load(path)
+    for name in ("images", "cell_ids", "cell_index", "states", "response", "tangent"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(dataset, name))
+    assert back.images.dtype == np.int8
+    assert back.cells == dataset.cells and back.spec == SPEC
+    good = path.read_bytes()
+
+    real_save = torch.save
+
+    def crashing_save(obj, fh):
+        real_save(obj, fh)
+        fh.seek(0)
+        fh.write(b"garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        dataset.save(path)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_failed_solve_is_collective_and_named(comm):
+    spec = DatasetSpec(
+        THERMAL,
+        FAMILY,
+        DOMAIN,
+        n_cells=2 * comm.size,
+        states_per_cell=2,
+        solver_options={"max_newton": 1},
+    )
+    with pytest.raises((FineSolveError, RuntimeError), match=r"sample \d+ \(cell \d+"):
+        generate(spec, comm=comm, progress=False)
+
+
+def test_spec_checks():
+    with pytest.raises(ValueError, match="components"):
+        DatasetSpec(equino_material(), FAMILY, DOMAIN, n_cells=2, states_per_cell=1)
+    short = StateDomain((0.0, 0.0), (1.0, 1.0), ("G1", "G2"))
+    with pytest.raises(ValueError, match="components"):
+        DatasetSpec(THERMAL, FAMILY, short, n_cells=2, states_per_cell=1)
+    with pytest.raises(ValueError, match="solver"):
+        DatasetSpec(THERMAL, FAMILY, DOMAIN, n_cells=2, states_per_cell=1, solver="x")
+    with pytest.raises(TypeError, match="cannot be stored"):
+        DatasetSpec(
+            THERMAL, FAMILY, DOMAIN, n_cells=2, states_per_cell=1, solver_options={"a": object()}
+        )
+
+
+def test_wavelet_normalizer_unit_variance(dataset):
+    images, _ = FAMILY.draw(24, 11)
+    for wavelet in ("haar", "db2"):
+        wav = WaveletNormalizer.fit(images, THERMAL, levels=3, wavelet=wavelet)
+        coeffs = wav.transform(images)
+        assert [c.shape for c in coeffs] == [
+            (24, 2, 2),
+            (24, 3, 2, 2),
+            (24, 3, 4, 4),
+            (24, 3, 8, 8),
+        ]
+        np.testing.assert_allclose(coeffs[0].mean(), 0.0, atol=1e-12)
+        np.testing.assert_allclose(coeffs[0].std(), 1.0, rtol=1e-12)
+        for c in coeffs[1:]:
+            np.testing.assert_allclose(c.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
+            np.testing.assert_allclose(c.std(axis=(0, 2, 3)), 1.0, rtol=1e-12)
+        field = phase_values(THERMAL)[images]
+        np.testing.assert_allclose(wav.inverse(coeffs), field, atol=1e-12)
+        # batched transform equals one image at a time
+        one = wav.transform(images[3])
+        for c, c1 in zip(coeffs, one, strict=True):
+            np.testing.assert_allclose(c[3], c1, atol=1e-14)
+        assert WaveletNormalizer.from_dict(wav.to_dict()) == wav
+    with pytest.raises(ValueError, match="multiple of"):
+        WaveletNormalizer.fit(images, THERMAL, levels=5)
+
+
+def test_state_response_normalization_inverse(dataset):
+    train = split(dataset, seed=0)[0]
+    norm = Normalization.fit(train, DOMAIN)
+    u = norm.states_to(dataset.states)
+    assert np.all(np.abs(u) <= 1.0)
+    np.testing.assert_allclose(norm.states_from(u), dataset.states, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(DOMAIN.to_unit(dataset.states), u, atol=1e-15)
+    y = norm.response_to(train.response)
+    np.testing.assert_allclose(np.sqrt(np.mean(y**2, axis=0)), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(norm.response_from(y), train.response, rtol=1e-15, atol=0)
+    tn = norm.tangent_to(dataset.tangent)
+    np.testing.assert_allclose(norm.tangent_from(tn), dataset.tangent, rtol=1e-15, atol=0)
+    # the normalized tangent is the derivative of the normalized response: chain rule
+    j = 1
+    hw = norm.state_half_width[j]
+    expect = dataset.tangent[:, :, j] * hw / np.asarray(norm.response_scale)
+    np.testing.assert_allclose(tn[:, :, j], expect, rtol=1e-14)
+    assert Normalization.from_dict(norm.to_dict()) == norm
