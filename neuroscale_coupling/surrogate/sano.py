@@ -1,0 +1,540 @@
+"""SANO: scale-adaptive neural operator surrogate of the homogenized cell response.
+
+Input: per-level wavelet coefficients of the cell image, in PyWavelets ``wavedec2`` order
+with the three details of a level stacked: ``coeffs = [approx (B, 1, h_S, w_S),
+detail_S (B, 3, h_S, w_S), …, detail_1 (B, 3, h_1, w_1)]`` (coarsest first; level 1 is the
+finest; sizes n/2^l for ``mode="periodization"``, other sizes are padded periodically).
+
+Pipeline: tokens per scale (patch projection + learned scale embedding + periodic Fourier
+position encoding) → scale-adaptive attention across all tokens (per-scale attention mass
+exposed) → mean pooling → latent (B, latent). ``encode`` and ``decode`` are separate so
+that a closure encodes a cell once and decodes many macro states.
+
+Decoders (response and tangent consistent by construction; the tangent is the exact
+autograd derivative of the returned mean response, computed batched with torch.func):
+
+* thermal: potential Ψ(z, G, θ) = Σ_j c_j k_j(z, G, θ) + λ|G|², k the last layer of a
+  partially input-convex network (convex non-decreasing softplus, non-negative
+  hidden-to-hidden weights, G entering affinely), c ≥ 0. Q = ∂Ψ/∂G, dQ/dG = ∂²Ψ/∂G² is
+  symmetric positive definite (≥ 2λ), dQ/dθ = ∂²Ψ/∂G∂θ. Q(0) = 0 by construction:
+  ``zero_mode="odd"`` uses k(G) ← ½(k(G) + k(−G)) (Ψ even, so Q odd in G: exact for the
+  project's laws, q = k(θ, |g|) g), ``"shift"`` uses k(G) − k(0) − ∇_G k(0)·G.
+* mechanical: stress head Σ(z, E) = W (k(z, E)), k an MLP; tangent dΣ/dE its Jacobian.
+  Σ(0) = 0: ``"odd"`` uses ½(k(E) − k(−E)), ``"shift"`` uses k(E) − k(0).
+
+Uncertainty: M fixed Monte Carlo dropout masks on the last hidden layer (the M samples
+share the trunk and the derivatives of the hidden layer); mean response, its tangent, and
+per-component std × ``std_scale`` (calibration buffer, default 1); :meth:`SANO.kl` is the
+concrete-dropout KL term for the loss.
+
+Symmetry (D4): the model receives wavelet coefficients, so the group acts at the image
+level through :func:`d4_average` (caller side), which averages any predictor over the 8
+transforms and is exactly equivariant.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import jacfwd, vmap
+
+from neuroscale_coupling.log import get_logger
+from neuroscale_coupling.surrogate.attention import ScaleAttentionLayer, periodic_features
+from neuroscale_coupling.surrogate.uncertainty import MCDropoutMasks
+from neuroscale_coupling.symmetry import D4, response_matrix, state_matrix, transform_image
+
+__all__ = ["SANO", "SANOConfig", "SANOPrediction", "d4_average"]
+
+_log = get_logger(__name__)
+
+_DIMS = {"thermal": (3, 2), "mechanical": (3, 3)}  # physics -> (state dim d, response dim r)
+
+
+@dataclass(frozen=True)
+class SANOConfig:
+    """Architecture of a SANO model (recorded in model files via to_dict/from_dict).
+
+    physics: "thermal" (state (G1, G2, θ), response Q) or "mechanical" (E → Σ).
+    image_size: n of the cell images the patch sizes are chosen for.
+    levels: S wavelet levels. tokens_side: at most this many tokens per side per level.
+    d_model, heads, layers: attention encoder. pos_freqs: Fourier frequencies per axis.
+    latent: latent width. hidden, decoder_layers: decoder width and depth.
+    dropout: MC dropout rate p on the last decoder layer (0 disables the spread);
+    learn_dropout: concrete dropout (p learned). samples: M fixed masks; mask_seed.
+    convex_eps: λ of the λ|G|² term (thermal). zero_mode: "odd" or "shift" (see module doc).
+    concrete_temperature, weight_reg, dropout_reg: concrete-dropout relaxation and KL weights.
+    """
+
+    physics: str = "thermal"
+    image_size: int = 64
+    levels: int = 3
+    tokens_side: int = 8
+    d_model: int = 64
+    heads: int = 4
+    layers: int = 2
+    pos_freqs: int = 4
+    latent: int = 64
+    hidden: int = 64
+    decoder_layers: int = 2
+    dropout: float = 0.1
+    learn_dropout: bool = True
+    samples: int = 16
+    mask_seed: int = 0
+    convex_eps: float = 1e-3
+    zero_mode: str = "odd"
+    concrete_temperature: float = 0.1
+    weight_reg: float = 1e-6
+    dropout_reg: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.physics not in _DIMS:
+            raise ValueError(f"unknown physics {self.physics!r}: choose 'thermal' or 'mechanical'")
+        if self.zero_mode not in ("odd", "shift"):
+            raise ValueError(f"unknown zero_mode {self.zero_mode!r}: choose 'odd' or 'shift'")
+        if self.image_size >> self.levels < 1:
+            raise ValueError(
+                f"levels={self.levels} too many for image_size={self.image_size}: "
+                "need image_size >= 2**levels"
+            )
+        for name in ("levels", "tokens_side", "d_model", "heads", "layers", "latent", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.decoder_layers < 1:
+            raise ValueError(f"decoder_layers={self.decoder_layers} must be >= 1")
+        if self.convex_eps <= 0:
+            raise ValueError(f"convex_eps={self.convex_eps} must be > 0 (strict convexity)")
+
+    @property
+    def state_dim(self) -> int:
+        return _DIMS[self.physics][0]
+
+    @property
+    def response_dim(self) -> int:
+        return _DIMS[self.physics][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (JSON / weights_only-safe)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SANOConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SANOConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SANOPrediction:
+    """Decoder output for N points.
+
+    response (N, r): mean over the M samples; tangent (N, r, d): its exact derivative w.r.t.
+    the state; std (N, r): per-component std over the samples × std_scale (exactly 0
+    without dropout); samples (N, M, r) (M = 1 without dropout) or None.
+    """
+
+    response: torch.Tensor
+    tangent: torch.Tensor
+    std: torch.Tensor
+    samples: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class MultiScaleEncoder(nn.Module):
+    """Wavelet coefficients → latent (B, latent), with per-scale attention mass."""
+
+    def __init__(self, cfg: SANOConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        s = cfg.levels
+        sizes = [cfg.image_size >> s] + [cfg.image_size >> (s - i) for i in range(s)]
+        self.patches = [max(1, size // cfg.tokens_side) for size in sizes]
+        self.proj = nn.ModuleList(
+            nn.Conv2d(1 if i == 0 else 3, cfg.d_model, p, stride=p)
+            for i, p in enumerate(self.patches)
+        )
+        self.scale_embedding = nn.Embedding(s + 1, cfg.d_model)
+        self.pos_proj = nn.Linear(4 * cfg.pos_freqs, cfg.d_model, bias=False)
+        self.layers = nn.ModuleList(
+            ScaleAttentionLayer(cfg.d_model, cfg.heads) for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.latent)
+
+    def _tokens(self, coeffs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if len(coeffs) != cfg.levels + 1:
+            raise ValueError(
+                f"expected {cfg.levels + 1} coefficient tensors [approx, detail_S, …, detail_1]; "
+                f"got {len(coeffs)}"
+            )
+        tokens, scale_ids = [], []
+        for i, (c, p, proj) in enumerate(zip(coeffs, self.patches, self.proj, strict=True)):
+            want = 1 if i == 0 else 3
+            if c.ndim != 4 or c.shape[1] != want:
+                raise ValueError(
+                    f"coefficient tensor {i} must have shape (B, {want}, h, w); "
+                    f"got {tuple(c.shape)}"
+                )
+            c = c.to(self.head.weight.dtype)
+            h, w = c.shape[-2:]
+            ph, pw = (-h) % p, (-w) % p
+            if ph or pw:
+                c = F.pad(c, (0, pw, 0, ph), mode="circular")
+            t = proj(c)  # (B, d, h', w')
+            hh, ww = t.shape[-2:]
+            a = (torch.arange(hh, dtype=t.dtype, device=t.device) * p + p / 2) / h
+            b = (torch.arange(ww, dtype=t.dtype, device=t.device) * p + p / 2) / w
+            pos = torch.stack(torch.meshgrid(a, b, indexing="ij"), -1).reshape(-1, 2)
+            t = t.flatten(2).transpose(1, 2) + self.pos_proj(periodic_features(pos, cfg.pos_freqs))
+            tokens.append(t + self.scale_embedding.weight[i])
+            scale_ids.append(torch.full((hh * ww,), i, dtype=torch.long, device=t.device))
+        return torch.cat(tokens, 1), torch.cat(scale_ids)
+
+    def forward(self, coeffs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """coeffs → (latent (B, latent), attention mass per layer and scale (B, layers, S+1))."""
+        x, ids = self._tokens(coeffs)
+        onehot = F.one_hot(ids, self.cfg.levels + 1)
+        masses = []
+        for layer in self.layers:
+            x, m = layer(x, onehot)
+            masses.append(m)
+        return self.head(self.norm(x.mean(1))), torch.stack(masses, 1)
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+def _value_and_jac(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """s ↦ (J (H, d), value (H,)) by forward-mode autodiff in one pass."""
+
+    def both(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = fn(s)
+        return y, y
+
+    return jacfwd(both, has_aux=True)
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """x·sigmoid(x), written out so that nested forward-mode AD works without autograd."""
+    return x * torch.sigmoid(x)
+
+
+class ThermalPotentialDecoder(nn.Module):
+    """Partially input-convex network k(z, G, θ) (H,), convex in G for every (z, θ)."""
+
+    def __init__(self, cfg: SANOConfig) -> None:
+        super().__init__()
+        h, n = cfg.hidden, cfg.decoder_layers
+        self.zero_mode = cfg.zero_mode
+        self.ctx = nn.Linear(cfg.latent + 1, h)
+        self.g_in = nn.ModuleList(nn.Linear(2, h, bias=False) for _ in range(n))
+        self.g_gate = nn.ModuleList(nn.Linear(h, h) for _ in range(n))
+        self.u_bias = nn.ModuleList(nn.Linear(h, h) for _ in range(n))
+        self.h_gate = nn.ModuleList(nn.Linear(h, h) for _ in range(n - 1))
+        init = float(np.log(np.expm1(1.0 / h)))
+        self.h_raw = nn.ParameterList(
+            nn.Parameter(init + 0.1 * torch.randn(h, h)) for _ in range(n - 1)
+        )
+        self.out_raw = nn.Parameter(float(np.log(np.expm1(1.0))) + 0.1 * torch.randn(h))
+
+    def out_weight(self) -> torch.Tensor:
+        """Non-negative output weights (H,)."""
+        return F.softplus(self.out_raw)
+
+    def _raw(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g, th = s[:2], s[2:]
+        u = _silu(self.ctx(torch.cat([z, th])))
+        h = None
+        for k in range(len(self.g_in)):
+            pre = self.g_in[k](g) * self.g_gate[k](u) + self.u_bias[k](u)
+            if h is not None:
+                gate = F.softplus(self.h_gate[k - 1](u))
+                pre = pre + F.linear(h * gate, F.softplus(self.h_raw[k - 1]))
+            h = F.softplus(pre)
+        return h
+
+    def hidden(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """k(s) (H,) for one point s = (G1, G2, θ) (3,), latent z (L,), with ∇_G k(0) = 0."""
+        if self.zero_mode == "odd":
+            flip = torch.tensor([-1.0, -1.0, 1.0], dtype=s.dtype, device=s.device)
+            return 0.5 * (self._raw(s, z) + self._raw(s * flip, z))
+        th = s[2:]
+
+        def at_theta(g: torch.Tensor) -> torch.Tensor:
+            return self._raw(torch.cat([g, th]), z)
+
+        g0 = torch.zeros_like(s[:2])
+        j0, k0 = _value_and_jac(at_theta)(g0)
+        return self._raw(s, z) - k0 - j0 @ s[:2]
+
+
+class StressDecoder(nn.Module):
+    """MLP k(z, E) (H,) with k(z, 0) = 0; Σ = W (mask ∘ k)."""
+
+    def __init__(self, cfg: SANOConfig) -> None:
+        super().__init__()
+        h = cfg.hidden
+        self.zero_mode = cfg.zero_mode
+        self.ctx = nn.Linear(cfg.latent, h)
+        self.e_in = nn.Linear(3, h, bias=False)
+        self.e_gate = nn.Linear(h, h)
+        self.u_bias = nn.Linear(h, h)
+        self.mid = nn.ModuleList(nn.Linear(h, h) for _ in range(cfg.decoder_layers - 1))
+        self.mid_ctx = nn.ModuleList(nn.Linear(h, h) for _ in range(cfg.decoder_layers - 1))
+        self.out = nn.Linear(h, 3, bias=False)
+
+    def out_weight(self) -> torch.Tensor:
+        """Output weights (3, H)."""
+        return self.out.weight
+
+    def _raw(self, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        u = _silu(self.ctx(z))
+        h = _silu(self.e_in(e) * self.e_gate(u) + self.u_bias(u))
+        for lin, ctx in zip(self.mid, self.mid_ctx, strict=True):
+            h = _silu(lin(h) + ctx(u))
+        return h
+
+    def hidden(self, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """k(E) (H,) for one point E (3,), latent z (L,), with k(0) = 0."""
+        if self.zero_mode == "odd":
+            return 0.5 * (self._raw(e, z) - self._raw(-e, z))
+        return self._raw(e, z) - self._raw(torch.zeros_like(e), z)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class SANO(nn.Module):
+    """Scale-adaptive neural operator: wavelet coefficients + macro state → response, tangent,
+    std. Float32 by default; ``.double()`` / ``.to(device)`` as any module."""
+
+    def __init__(self, config: SANOConfig) -> None:
+        super().__init__()
+        if not isinstance(config, SANOConfig):
+            raise TypeError(f"config must be a SANOConfig; got {type(config).__name__}")
+        self.config = config
+        self.encoder = MultiScaleEncoder(config)
+        self.decoder: ThermalPotentialDecoder | StressDecoder = (
+            ThermalPotentialDecoder(config)
+            if config.physics == "thermal"
+            else StressDecoder(config)
+        )
+        self.masks = MCDropoutMasks(
+            config.hidden,
+            config.samples,
+            config.dropout,
+            learn_p=config.learn_dropout,
+            temperature=config.concrete_temperature,
+            seed=config.mask_seed,
+        )
+        # Scaling of physical states/responses (set from the training domain):
+        # G or E → /state_scale; θ → (θ − theta_ref)/theta_scale; response = response_scale·Q̂.
+        for name, value in (
+            ("state_scale", 1.0),
+            ("theta_ref", 0.0),
+            ("theta_scale", 1.0),
+            ("response_scale", 1.0),
+            ("std_scale", 1.0),
+        ):
+            self.register_buffer(name, torch.tensor(value))
+
+    # -- configuration helpers
+    def reset_masks(self, seed: int) -> None:
+        """Regenerate the M fixed inference masks from ``seed``."""
+        self.masks.reset(seed)
+
+    def set_scaling(
+        self,
+        *,
+        state_scale: float = 1.0,
+        theta_ref: float = 0.0,
+        theta_scale: float = 1.0,
+        response_scale: float = 1.0,
+    ) -> None:
+        """Set the normalization of states and responses (positive scales)."""
+        for name, v in (
+            ("state_scale", state_scale),
+            ("theta_scale", theta_scale),
+            ("response_scale", response_scale),
+        ):
+            if not v > 0:
+                raise ValueError(f"{name}={v} must be > 0")
+        for name, v in (
+            ("state_scale", state_scale),
+            ("theta_ref", theta_ref),
+            ("theta_scale", theta_scale),
+            ("response_scale", response_scale),
+        ):
+            getattr(self, name).fill_(float(v))
+
+    def set_std_scale(self, scale: float) -> None:
+        """Calibration factor multiplying the std (fitted on the validation split)."""
+        if not scale > 0:
+            raise ValueError(f"std scale {scale} must be > 0")
+        self.std_scale.fill_(float(scale))
+
+    def kl(self) -> torch.Tensor:
+        """Concrete-dropout KL term of the masked decoder layer (0-d tensor)."""
+        w = self.decoder.out_weight()
+        return self.masks.kl(
+            w.reshape(-1, w.shape[-1]),
+            weight_reg=self.config.weight_reg,
+            dropout_reg=self.config.dropout_reg,
+        )
+
+    # -- encoder
+    def encode(
+        self, coeffs: Sequence[torch.Tensor], *, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """coeffs [approx (B,1,h,w), detail_S (B,3,·,·), …, detail_1] → latent (B, latent).
+
+        With ``return_attention`` also the per-scale attention mass (B, layers, S+1), scales
+        in input order (approx, coarsest detail, …, finest detail); sums to 1 over scales.
+        """
+        latent, mass = self.encoder(coeffs)
+        return (latent, mass) if return_attention else latent
+
+    def scale_attention(self, coeffs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-scale attention mass (B, layers, S+1), averaged over heads and queries."""
+        return self.encoder(coeffs)[1]
+
+    # -- decoder
+    def _normalize(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized states (N, d) and d(normalized)/d(physical) per component (d,)."""
+        d = states.shape[-1]
+        scale = self.state_scale.expand(d).clone()
+        shift = torch.zeros_like(scale)
+        if self.config.physics == "thermal":
+            scale[2] = self.theta_scale
+            shift[2] = self.theta_ref
+        return (states - shift) / scale, 1.0 / scale
+
+    def decode(
+        self,
+        latent: torch.Tensor,
+        states: torch.Tensor,
+        *,
+        cells: torch.Tensor | None = None,
+        return_samples: bool = False,
+    ) -> SANOPrediction:
+        """Decode latents (B, latent) at macro states (N, d).
+
+        Row i uses latent[cells[i]] when ``cells`` (N,) is given, else latent[i] (B = N) or
+        the single latent (B = 1). Differentiable w.r.t. the parameters when grad is enabled
+        (the tangent included, for training on tangents).
+        """
+        cfg = self.config
+        d, r = cfg.state_dim, cfg.response_dim
+        dtype = self.state_scale.dtype
+        states = torch.as_tensor(states, dtype=dtype, device=self.state_scale.device)
+        if states.ndim != 2 or states.shape[1] != d:
+            raise ValueError(f"states must have shape (N, {d}); got {tuple(states.shape)}")
+        n = states.shape[0]
+        if cells is not None:
+            latent = latent[torch.as_tensor(cells, device=latent.device)]
+        elif latent.shape[0] == 1:
+            latent = latent.expand(n, -1)
+        if latent.shape[0] != n:
+            raise ValueError(
+                f"latent has {latent.shape[0]} rows for {n} states: pass cells=(N,) indices"
+            )
+        s, ds = self._normalize(states)
+        keep = self.masks()  # (M, H)
+        fn = self.decoder.hidden
+        if cfg.physics == "thermal":
+
+            def first(s1: torch.Tensor, z1: torch.Tensor) -> tuple:
+                j, k = _value_and_jac(lambda x: fn(x, z1))(s1)
+                return j, (j, k)
+
+            hess, (jac, _) = vmap(jacfwd(first, has_aux=True))(s, latent)  # (N,H,3,3), (N,H,3)
+            c = self.decoder.out_weight() * keep  # (M, H)
+            lam = cfg.convex_eps
+            g = s[:, :2]
+            q_samples = torch.einsum("mh,nhi->nmi", c, jac[:, :, :2]) + 2 * lam * g[:, None]
+            t = torch.einsum("h,nhij->nij", c.mean(0), hess[:, :, :2, :])
+            gg = 0.5 * (t[:, :, :2] + t[:, :, :2].transpose(1, 2))
+            eye = torch.eye(2, dtype=dtype, device=s.device)
+            tangent = torch.cat([gg + 2 * lam * eye, t[:, :, 2:]], dim=2)
+        else:
+            jac, k = vmap(lambda e, z: _value_and_jac(lambda x: fn(x, z))(e))(s, latent)
+            w = self.decoder.out_weight()[None] * keep[:, None, :]  # (M, 3, H)
+            q_samples = torch.einsum("mrh,nh->nmr", w, k)
+            tangent = torch.einsum("rh,nhd->nrd", w.mean(0), jac)
+        rs = self.response_scale
+        samples = rs * q_samples
+        response = samples.mean(1)
+        tangent = rs * tangent * ds  # chain rule through the state normalization
+        m = samples.shape[1]
+        std = samples.std(1, correction=0) if m > 1 else torch.zeros_like(response)
+        if tangent.shape != (n, r, d):  # pragma: no cover - internal consistency
+            raise RuntimeError(f"tangent shape {tuple(tangent.shape)} != {(n, r, d)}")
+        return SANOPrediction(
+            response=response,
+            tangent=tangent,
+            std=std * self.std_scale,
+            samples=samples if return_samples else None,
+        )
+
+    def forward(
+        self,
+        coeffs: Sequence[torch.Tensor],
+        states: torch.Tensor,
+        *,
+        cells: torch.Tensor | None = None,
+        return_samples: bool = False,
+    ) -> SANOPrediction:
+        """encode then decode (see :meth:`decode` for ``cells``)."""
+        return self.decode(self.encode(coeffs), states, cells=cells, return_samples=return_samples)
+
+
+# ----------------------------------------------------------------------------- symmetry
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def d4_average(
+    predict_fn: Callable[[np.ndarray, np.ndarray], Sequence[Any]],
+    images: np.ndarray,
+    states: np.ndarray,
+    physics: str,
+) -> tuple[np.ndarray, ...]:
+    """Average a predictor over the 8 symmetries of the square; the result is D4-equivariant.
+
+    predict_fn(images (N, n, n), states (N, d)) returns (response (N, r), tangent (N, r, d))
+    or (response, tangent, std (N, r)) (numpy or torch). For each R in D4 the predictor runs
+    on (transform_image(image, R), S_R state) and its output is mapped back:
+    response Q_R⁻¹ f, tangent Q_R⁻¹ F' S_R (the exact derivative of the averaged response),
+    variance (Q_R⁻¹)∘² std² (Q_R is a signed permutation). Returns the averaged tuple of the
+    same length; std = sqrt of the mean mapped variance.
+    """
+    images = np.asarray(images)
+    states = np.asarray(states, dtype=float)
+    acc: list[np.ndarray] | None = None
+    for rot in D4:
+        s_r = state_matrix(rot, physics)
+        q_inv = np.linalg.inv(response_matrix(rot, physics))
+        out = [_np(o) for o in predict_fn(transform_image(images, rot), states @ s_r.T)]
+        if len(out) not in (2, 3):
+            raise ValueError(f"predict_fn must return 2 or 3 arrays; got {len(out)}")
+        mapped = [out[0] @ q_inv.T, q_inv @ out[1] @ s_r]
+        if len(out) == 3:
+            mapped.append(out[2] ** 2 @ (q_inv**2).T)
+        acc = mapped if acc is None else [a + b for a, b in zip(acc, mapped, strict=True)]
+    res = [a / len(D4) for a in acc]
+    if len(res) == 3:
+        res[2] = np.sqrt(res[2])
+    return tuple(res)

@@ -1,0 +1,297 @@
+"""SANO surrogate architecture: shapes, encode/decode split, physics structure of the
+decoders (convex potential, exact tangents, zero response at zero load), fixed MC-dropout
+masks, per-scale attention and the D4 group average. Tiny models, random inputs."""
+
+import numpy as np
+import pytest
+import pywt
+import torch
+
+from neuroscale_coupling.surrogate.sano import SANO, SANOConfig, d4_average
+from neuroscale_coupling.symmetry import D4, response_matrix, state_matrix, transform_image
+
+N_IMG, LEVELS = 16, 2
+
+
+def tiny(physics: str = "thermal", **kw) -> SANOConfig:
+    base = dict(
+        physics=physics,
+        image_size=N_IMG,
+        levels=LEVELS,
+        tokens_side=4,
+        d_model=16,
+        heads=2,
+        layers=2,
+        pos_freqs=2,
+        latent=8,
+        hidden=16,
+        decoder_layers=2,
+        dropout=0.2,
+        samples=6,
+    )
+    base.update(kw)
+    return SANOConfig(**base)
+
+
+def make(physics: str = "thermal", *, dtype=torch.float32, seed: int = 0, **kw) -> SANO:
+    torch.manual_seed(seed)
+    return SANO(tiny(physics, **kw)).to(dtype).eval()
+
+
+def wavelet(images: np.ndarray, dtype=torch.float32) -> list[torch.Tensor]:
+    out = pywt.wavedec2(images, "db2", mode="periodization", level=LEVELS, axes=(-2, -1))
+    return [torch.tensor(out[0][:, None], dtype=dtype)] + [
+        torch.tensor(np.stack(d, 1), dtype=dtype) for d in out[1:]
+    ]
+
+
+def images(b: int, seed: int = 1) -> np.ndarray:
+    return (np.random.default_rng(seed).random((b, N_IMG, N_IMG)) > 0.6).astype(float)
+
+
+def states(physics: str, n: int, seed: int = 2, dtype=torch.float32) -> torch.Tensor:
+    s = torch.tensor(np.random.default_rng(seed).normal(size=(n, 3)), dtype=dtype)
+    if physics == "thermal":
+        s[:, 2] = 300.0 + 50.0 * s[:, 2]
+    return s
+
+
+def set_units(model: SANO, physics: str) -> None:
+    if physics == "thermal":
+        model.set_scaling(state_scale=2.0, theta_ref=300.0, theta_scale=50.0, response_scale=3.0)
+    else:
+        model.set_scaling(state_scale=0.5, response_scale=10.0)
+
+
+def test_config_round_trip_and_errors():
+    cfg = tiny("mechanical", zero_mode="shift")
+    assert SANOConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown SANOConfig keys"):
+        SANOConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="physics"):
+        SANOConfig(physics="acoustic")
+    with pytest.raises(ValueError, match="zero_mode"):
+        SANOConfig(zero_mode="none")
+    with pytest.raises(ValueError, match="d_model"):
+        SANO(tiny(d_model=15))
+
+
+@pytest.mark.parametrize("physics", ["thermal", "mechanical"])
+def test_shapes_and_encode_decode_split(physics):
+    model = make(physics)
+    c = wavelet(images(3))
+    s = states(physics, 3)
+    latent, mass = model.encode(c, return_attention=True)
+    assert latent.shape == (3, 8)
+    assert mass.shape == (3, 2, LEVELS + 1)
+    full = model(c, s)
+    split = model.decode(latent, s)
+    r = 2 if physics == "thermal" else 3
+    assert full.response.shape == (3, r)
+    assert full.tangent.shape == (3, r, 3)
+    assert full.std.shape == (3, r)
+    for a, b in ((full.response, split.response), (full.tangent, split.tangent)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Cached latents: many states per cell through a cell index, and a single latent.
+    cells = torch.tensor([2, 0, 0, 1, 2])
+    s5 = states(physics, 5, seed=4)
+    cached = model.decode(latent, s5, cells=cells)
+    for i in range(5):
+        one = model.decode(latent[cells[i]][None], s5[i : i + 1])
+        torch.testing.assert_close(cached.response[i], one.response[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cached.tangent[i], one.tangent[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cells"):
+        model.decode(latent, s5)
+    with pytest.raises(ValueError, match="coefficient"):
+        model.encode(c[:-1])
+
+
+def test_scale_attention_sums_to_one():
+    model = make()
+    mass = model.scale_attention(wavelet(images(4)))
+    assert mass.shape == (4, 2, LEVELS + 1)
+    assert torch.all(mass >= 0)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(4, 2))
+
+
+@pytest.mark.parametrize("zero_mode", ["odd", "shift"])
+def test_thermal_potential_structure(zero_mode):
+    model = make("thermal", dtype=torch.float64, zero_mode=zero_mode, seed=3)
+    set_units(model, "thermal")
+    latent = model.encode(wavelet(images(4), torch.float64))
+    cells = torch.arange(40) % 4
+    s = states("thermal", 40, dtype=torch.float64) * torch.tensor([3.0, 3.0, 1.0])
+    out = model.decode(latent, s, cells=cells, return_samples=True)
+    dqdg = out.tangent[:, :, :2]
+    torch.testing.assert_close(dqdg, dqdg.transpose(1, 2), rtol=0, atol=1e-14)
+    eig = torch.linalg.eigvalsh(dqdg)
+    assert torch.all(eig > 0), eig.min()
+    # Q(G = 0, θ) = 0 for every θ, every sample.
+    s0 = s.clone()
+    s0[:, :2] = 0
+    z = model.decode(latent, s0, cells=cells, return_samples=True)
+    assert z.samples.abs().max() < 1e-13
+    assert z.response.abs().max() < 1e-13
+
+
+@pytest.mark.parametrize(
+    ("physics", "zero_mode"),
+    [("thermal", "odd"), ("mechanical", "odd"), ("mechanical", "shift")],
+)  # thermal "shift" is slow (third-order nested forward AD); its structure is tested above
+def test_tangent_is_central_difference_of_mean_response(physics, zero_mode):
+    model = make(physics, dtype=torch.float64, zero_mode=zero_mode, seed=5)
+    set_units(model, physics)
+    latent = model.encode(wavelet(images(2), torch.float64))
+    cells = torch.tensor([0, 1, 1])
+    s = states(physics, 3, dtype=torch.float64)
+    out = model.decode(latent, s, cells=cells)
+    # Relative step per component (θ ~ 300 needs a larger absolute step).
+    h = 1e-6 * torch.maximum(s.abs().max(0).values, torch.ones(3, dtype=torch.float64))
+    fd = torch.empty_like(out.tangent)
+    for j in range(3):
+        e = torch.zeros(3, dtype=torch.float64)
+        e[j] = h[j]
+        plus = model.decode(latent, s + e, cells=cells).response
+        minus = model.decode(latent, s - e, cells=cells).response
+        fd[:, :, j] = (plus - minus) / (2 * h[j])
+    torch.testing.assert_close(out.tangent, fd, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("zero_mode", ["odd", "shift"])
+def test_mechanical_zero_stress_at_zero_strain(zero_mode):
+    model = make("mechanical", dtype=torch.float64, zero_mode=zero_mode)
+    latent = model.encode(wavelet(images(3), torch.float64))
+    out = model.decode(latent, torch.zeros(3, 3, dtype=torch.float64), return_samples=True)
+    assert out.samples.abs().max() < 1e-14
+
+
+def test_odd_mode_response_is_odd():
+    for physics in ("thermal", "mechanical"):
+        model = make(physics, dtype=torch.float64)
+        latent = model.encode(wavelet(images(2), torch.float64))
+        s = states(physics, 2, dtype=torch.float64)
+        flip = torch.tensor([-1.0, -1.0, 1.0 if physics == "thermal" else -1.0])
+        a = model.decode(latent, s).response
+        b = model.decode(latent, s * flip.to(s)).response
+        torch.testing.assert_close(a, -b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("physics", ["thermal", "mechanical"])
+def test_fixed_masks_deterministic_and_spread(physics):
+    model = make(physics)
+    c = wavelet(images(2))
+    s = states(physics, 2)
+    a, b = model(c, s), model(c, s)
+    for x, y in ((a.response, b.response), (a.tangent, b.tangent), (a.std, b.std)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert torch.all(a.std > 0)
+    model.set_std_scale(2.5)
+    torch.testing.assert_close(model(c, s).std, 2.5 * a.std)
+    # Masks change only through reset_masks; the same seed restores them.
+    model.reset_masks(123)
+    other = model(c, s)
+    assert not torch.equal(other.response, a.response)
+    model.reset_masks(0)
+    torch.testing.assert_close(model(c, s).response, a.response, rtol=0, atol=0)
+    # p = 0: no spread.
+    plain = make(physics, dropout=0.0)
+    assert torch.all(plain(c, s).std == 0)
+
+
+def test_training_mode_gradients_and_kl():
+    model = make("thermal").train()
+    c = wavelet(images(2))
+    s = states("thermal", 2)
+    out = model(c, s, return_samples=True)
+    assert out.samples.shape == (2, 6, 2)
+    loss = out.response.square().mean() + out.tangent.square().mean() + model.kl()
+    loss.backward()
+    assert model.masks.p_logit.grad is not None
+    assert torch.isfinite(model.masks.p_logit.grad)
+    assert model.encoder.proj[0].weight.grad.abs().sum() > 0
+    assert model.decoder.h_raw[0].grad.abs().sum() > 0  # through the Hessian (tangent)
+    assert torch.isfinite(make("mechanical", dropout=0.0).kl())
+
+
+def test_state_dict_round_trip():
+    model = make("mechanical")
+    model.set_std_scale(1.7)
+    model.reset_masks(9)
+    clone = SANO(SANOConfig.from_dict(model.config.to_dict())).eval()
+    clone.load_state_dict(model.state_dict())
+    c, s = wavelet(images(2)), states("mechanical", 2)
+    torch.testing.assert_close(clone(c, s).std, model(c, s).std, rtol=0, atol=0)
+
+
+def _check_equivariant(fn, imgs, s, physics, rtol=1e-10):
+    base = fn(imgs, s)
+    for rot in D4:
+        q = response_matrix(rot, physics)
+        sm = state_matrix(rot, physics)
+        moved = fn(transform_image(imgs, rot), s @ sm.T)
+        np.testing.assert_allclose(moved[0], base[0] @ q.T, rtol=rtol, atol=1e-12)
+        np.testing.assert_allclose(moved[1], q @ base[1] @ np.linalg.inv(sm), rtol=rtol, atol=1e-12)
+        if len(base) == 3:
+            np.testing.assert_allclose(moved[2], base[2] @ np.abs(q).T, rtol=rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("physics", ["thermal", "mechanical"])
+def test_d4_average_of_reference_function_is_equivariant(physics):
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(3 if physics == "mechanical" else 2, 3))
+    w = rng.normal(size=(N_IMG, N_IMG))
+    r = a.shape[0]
+
+    def ref(imgs, s):  # deliberately not equivariant
+        feat = (imgs * w).sum((1, 2))
+        resp = s @ a.T * (1 + feat[:, None]) + 0.1 * (s @ a.T) ** 3
+        tan = a[None] * (1 + feat[:, None, None]) + 0.3 * ((s @ a.T) ** 2)[:, :, None] * a[None]
+        return resp, tan, np.abs(resp) + 0.1
+
+    imgs = images(3, seed=8)
+    s = rng.normal(size=(3, 3))
+    with pytest.raises(AssertionError):
+        _check_equivariant(ref, imgs, s, physics)
+    avg = lambda i, x: d4_average(ref, i, x, physics)  # noqa: E731
+    out = avg(imgs, s)
+    assert out[0].shape == (3, r) and out[1].shape == (3, r, 3) and out[2].shape == (3, r)
+    _check_equivariant(avg, imgs, s, physics)
+    # The averaged tangent is the derivative of the averaged response.
+    h = 1e-6
+    for j in range(3):
+        e = np.zeros(3)
+        e[j] = h
+        fd = (avg(imgs, s + e)[0] - avg(imgs, s - e)[0]) / (2 * h)
+        np.testing.assert_allclose(out[1][:, :, j], fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("physics", ["thermal", "mechanical"])
+def test_d4_average_of_sano_is_equivariant(physics):
+    model = make(physics, dtype=torch.float64)
+
+    def predict(imgs, s):
+        out = model(wavelet(imgs, torch.float64), torch.as_tensor(s))
+        return out.response, out.tangent, out.std
+
+    imgs = images(1, seed=11)
+    s = states(physics, 1, dtype=torch.float64).numpy()
+    _check_equivariant(lambda i, x: d4_average(predict, i, x, physics), imgs, s, physics, 1e-9)
+
+
+def test_same_on_all_ranks(comm):
+    from tests.conftest import assert_same_on_all_ranks
+
+    model = make("thermal")
+    out = model(wavelet(images(2)), states("thermal", 2))
+    assert_same_on_all_ranks(comm, out.response.detach().numpy())
+    assert_same_on_all_ranks(comm, out.tangent.detach().numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    model = make("mechanical", dtype=torch.float64)
+    c, s = wavelet(images(2), torch.float64), states("mechanical", 2, dtype=torch.float64)
+    cpu = model(c, s)
+    gpu = model.cuda()([x.cuda() for x in c], s.cuda())
+    torch.testing.assert_close(gpu.response.cpu(), cpu.response)
+    torch.testing.assert_close(gpu.tangent.cpu(), cpu.tangent)
