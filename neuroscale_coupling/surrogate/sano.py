@@ -11,7 +11,11 @@ exposed) → mean pooling → latent (B, latent). ``encode`` and ``decode`` are 
 that a closure encodes a cell once and decodes many macro states.
 
 Decoders (response and tangent consistent by construction; the tangent is the exact
-autograd derivative of the returned mean response, computed batched with torch.func):
+derivative of the returned mean response: mechanical by batched torch.func forward-mode AD,
+thermal by explicit forward propagation of value, gradient and the G rows of the Hessian
+through the layers (plain differentiable torch code, batched over points, the M masks
+sharing everything below the last hidden layer; ``odd`` evaluates G and −G and ``shift``
+evaluates G and 0 in one batch, so both modes cost about the same):
 
 * thermal: potential Ψ(z, G, θ) = Σ_j c_j k_j(z, G, θ) + λ|G|², k the last layer of a
   partially input-convex network (convex non-decreasing softplus, non-negative
@@ -228,8 +232,37 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
+def _silu_derivs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """silu(x), silu'(x), silu''(x)."""
+    sig = torch.sigmoid(x)
+    one_minus = 1 - sig
+    return x * sig, sig * (1 + x * one_minus), sig * one_minus * (2 + x * (1 - 2 * sig))
+
+
+def _softplus_derivs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softplus(x), softplus'(x), softplus''(x), consistent with F.softplus's linear branch
+    (x > 20: value x, slope 1, curvature 0), as torch's own derivative rules are."""
+    sig = torch.sigmoid(x)
+    lin = x > 20.0
+    d1 = torch.where(lin, torch.ones_like(sig), sig)
+    d2 = torch.where(lin, torch.zeros_like(sig), sig * (1 - sig))
+    return F.softplus(x), d1, d2
+
+
+# Jet layout of the thermal decoder: value, gradient w.r.t. s = (G1, G2, θ) and the two
+# Hessian rows ∂_{G_i} ∂_s (i = 1, 2), stacked on axis -2 ahead of the hidden axis (H):
+# index 0 value, 1..3 gradient, 4 + 3 i + j = ∂²/∂G_i∂s_j. Rows G of the Hessian are closed
+# under the layers (the θ-only gates never produce a G row), so ∂²/∂θ² is never formed.
+_J, _H = slice(1, 4), slice(4, 10)
+_CHUNK = 1024  # points per block in ThermalPotentialDecoder.flux_and_tangent
+
+
 class ThermalPotentialDecoder(nn.Module):
-    """Partially input-convex network k(z, G, θ) (H,), convex in G for every (z, θ)."""
+    """Partially input-convex network k(z, G, θ) (H,), convex in G for every (z, θ).
+
+    The decoder propagates value, gradient and the G rows of the Hessian w.r.t. the state
+    explicitly through the layers (:meth:`jet`), batched over points; no nested autodiff.
+    """
 
     def __init__(self, cfg: SANOConfig) -> None:
         super().__init__()
@@ -263,7 +296,11 @@ class ThermalPotentialDecoder(nn.Module):
         return h
 
     def hidden(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """k(s) (H,) for one point s = (G1, G2, θ) (3,), latent z (L,), with ∇_G k(0) = 0."""
+        """k(s) (H,) for one point s = (G1, G2, θ) (3,), latent z (L,), with ∇_G k(0) = 0.
+
+        Reference implementation (single point, torch.func-compatible); :meth:`jet` is the
+        batched fast path the model uses.
+        """
         if self.zero_mode == "odd":
             flip = torch.tensor([-1.0, -1.0, 1.0], dtype=s.dtype, device=s.device)
             return 0.5 * (self._raw(s, z) + self._raw(s * flip, z))
@@ -275,6 +312,111 @@ class ThermalPotentialDecoder(nn.Module):
         g0 = torch.zeros_like(s[:2])
         j0, k0 = _value_and_jac(at_theta)(g0)
         return self._raw(s, z) - k0 - j0 @ s[:2]
+
+    @staticmethod
+    def _theta_linear(
+        lin: nn.Linear, u: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linear layer on a θ-jet (value, ∂_θ), each (N, H). ∂²_θ is never needed: only
+        the G rows of the Hessian are propagated."""
+        return lin(u[0]), F.linear(u[1], lin.weight)
+
+    def jet(self, s: torch.Tensor, z: torch.Tensor, g: torch.Tensor, sign: torch.Tensor) -> Any:
+        """Explicit derivative propagation of the raw network (before the zero-mode fix).
+
+        s (N, 3) normalized states (only θ = s[:, 2] is read), z (N, L) latents, g (P, N, 2)
+        the G argument of each of P branches, sign (P,) the derivative dg/dG of the branch
+        (g = sign·G, or G = 0 with sign 1 for the value at zero). Returns the jet of the
+        last layer's pre-activation, (P, N, 10, H) in the layout of ``_J``/``_H`` above.
+        """
+        th = s[:, 2:]
+        ctx = self.ctx(torch.cat([z, th], 1))
+        w_th = self.ctx.weight[:, -1]
+        u0, u1, _ = _silu_derivs(ctx)
+        u = (u0, u1 * w_th)  # θ-jet of the context (N, H) each
+        n_pts, n_h = u0.shape
+        p = g.shape[0]
+        sg = sign.to(u0)[:, None, None]  # (P, 1, 1)
+        pre = torch.zeros(p, n_pts, 10, n_h, dtype=u0.dtype, device=u0.device)
+        for k in range(len(self.g_in)):
+            b0, b1 = self._theta_linear(self.g_gate[k], u)
+            c0, c1 = self._theta_linear(self.u_bias[k], u)
+            if k > 0:
+                e0, e1 = self._theta_linear(self.h_gate[k - 1], u)
+                q0, q1, _ = _softplus_derivs(e0)
+                y = self._gated_softplus_jet(pre, q0, q1 * e1)
+                pre = y @ F.softplus(self.h_raw[k - 1]).t()
+            # + a·b + c, a = W_g g (G only), b and c θ only:
+            # value a b0 + c0, ∂_G = sign W_g b0, ∂_θ = a b1 + c1, ∂_G∂_θ = sign W_g b1.
+            a = self.g_in[k](g)  # (P, N, H)
+            wg = self.g_in[k].weight.t()  # (2, H)
+            pre[:, :, 0] += a * b0 + c0
+            pre[:, :, 1:3] += sg[..., None] * wg * b0[:, None]
+            pre[:, :, 3] += a * b1 + c1
+            pre[:, :, 6] += sg * wg[0] * b1
+            pre[:, :, 9] += sg * wg[1] * b1
+        return pre
+
+    @staticmethod
+    def _gated_softplus_jet(
+        pre: torch.Tensor, gt0: torch.Tensor, gt1: torch.Tensor
+    ) -> torch.Tensor:
+        """Jet of softplus(pre) ∘ gate, pre (P, N, 10, H), gate (N, H) depending on θ only
+        with ∂_θ gate = gt1: σ·gate, (σ' J)·gate + σ ∂_θgate e_θ, (σ' H + σ'' J_G J)·gate +
+        σ' J_G ∂_θgate e_θᵀ."""
+        v, jac = pre[:, :, 0], pre[:, :, _J]
+        f0, f1, f2 = _softplus_derivs(v)
+        y = torch.empty_like(pre)
+        y[:, :, 1:] = pre[:, :, 1:] * (f1 * gt0)[:, :, None]
+        hes = y[:, :, _H].unflatten(2, (2, 3))
+        hes.addcmul_((jac[:, :, :2] * (f2 * gt0)[:, :, None])[:, :, :, None], jac[:, :, None])
+        y[:, :, 0] = f0 * gt0
+        y[:, :, 3] += f0 * gt1
+        fj = f1 * gt1
+        y[:, :, 6] += fj * jac[:, :, 0]
+        y[:, :, 9] += fj * jac[:, :, 1]
+        return y
+
+    def flux_and_tangent(
+        self, s: torch.Tensor, z: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample flux and mean Hessian rows of Σ_h c_h k_h (no λ|G|² term).
+
+        s (N, 3) normalized states, z (N, L) latents, c (M, H) output weights × masks.
+        Returns q (N, M, 2) = ∂_G (c_m · k) and t (N, 2, 3) = ∂_G ∂_s (c̄ · k), c̄ the mean
+        over the M rows, with the zero-mode correction (``odd``: average of G and −G in one
+        batch; ``shift``: minus the value and G-gradient at G = 0, one batch as well).
+        """
+        chunk = _CHUNK
+        if s.shape[0] > chunk:  # cache-sized blocks of points (the jets are ~20 H floats/point)
+            parts = [
+                self.flux_and_tangent(s[i : i + chunk], z[i : i + chunk], c)
+                for i in range(0, s.shape[0], chunk)
+            ]
+            return torch.cat([q for q, _ in parts]), torch.cat([t for _, t in parts])
+        gv = s[:, :2]
+        if self.zero_mode == "odd":
+            g = torch.stack([gv, -gv])
+            sign = torch.tensor([1.0, -1.0])
+        else:
+            g = torch.stack([gv, torch.zeros_like(gv)])
+            sign = torch.tensor([1.0, 1.0])
+        pre = self.jet(s, z, g, sign)  # (2, N, 10, H)
+        v, jac = pre[:, :, 0], pre[:, :, _J]
+        _, f1, f2 = _softplus_derivs(v)
+        jg = f1[:, :, None] * jac[:, :, :2]  # ∂_G k per branch (2, N, 2, H)
+        cbar = c.mean(0)
+        # Hessian rows, contracted with c̄ before the (large) elementwise products
+        w1, w2 = f1 * cbar, f2 * cbar  # (2, N, H)
+        hes = torch.einsum("pnkh,pnh->pnk", pre[:, :, _H], w1).unflatten(2, (2, 3))
+        hes = hes + torch.einsum("pnih,pnjh,pnh->pnij", jac[:, :, :2], jac, w2)
+        if self.zero_mode == "odd":
+            q = 0.5 * torch.einsum("mh,nih->nmi", c, jg[0] + jg[1])
+            t = 0.5 * (hes[0] + hes[1])
+        else:
+            q = torch.einsum("mh,nih->nmi", c, jg[0] - jg[1])
+            t = torch.cat([hes[0, :, :, :2], hes[0, :, :, 2:] - hes[1, :, :, 2:]], 2)
+        return q, t
 
 
 class StressDecoder(nn.Module):
@@ -451,17 +593,11 @@ class SANO(nn.Module):
         keep = self.masks()  # (M, H)
         fn = self.decoder.hidden
         if cfg.physics == "thermal":
-
-            def first(s1: torch.Tensor, z1: torch.Tensor) -> tuple:
-                j, k = _value_and_jac(lambda x: fn(x, z1))(s1)
-                return j, (j, k)
-
-            hess, (jac, _) = vmap(jacfwd(first, has_aux=True))(s, latent)  # (N,H,3,3), (N,H,3)
             c = self.decoder.out_weight() * keep  # (M, H)
+            q_samples, t = self.decoder.flux_and_tangent(s, latent, c)
             lam = cfg.convex_eps
             g = s[:, :2]
-            q_samples = torch.einsum("mh,nhi->nmi", c, jac[:, :, :2]) + 2 * lam * g[:, None]
-            t = torch.einsum("h,nhij->nij", c.mean(0), hess[:, :, :2, :])
+            q_samples = q_samples + 2 * lam * g[:, None]
             gg = 0.5 * (t[:, :, :2] + t[:, :, :2].transpose(1, 2))
             eye = torch.eye(2, dtype=dtype, device=s.device)
             tangent = torch.cat([gg + 2 * lam * eye, t[:, :, 2:]], dim=2)
