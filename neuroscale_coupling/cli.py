@@ -5,6 +5,10 @@ macro states and prints the homogenized response and its consistent tangent::
 
     neuroscale homogenize --cell circular_inclusion --n 64 --param volume_fraction=0.3 \\
         --physics thermal --phase k0=1,beta=0.5 --phase k0=10 --state 1,0.5,0.2 --solver fem
+
+``neuroscale train --config FILE.toml [--resume]`` trains a SANO surrogate as the TOML file
+says (see :mod:`neuroscale_coupling.surrogate.training`), prints progress and the final
+validation metrics, and writes the model file.
 """
 
 import argparse
@@ -164,6 +168,30 @@ def homogenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    """Run ``neuroscale train``; returns the exit status (collective under MPI)."""
+    from mpi4py import MPI
+
+    from neuroscale_coupling.surrogate.training import load_config
+    from neuroscale_coupling.surrogate.training import train as run_training
+
+    comm = MPI.COMM_WORLD
+    cfg = load_config(args.config)
+    t0 = time.perf_counter()
+    result = run_training(cfg, comm=comm, resume=args.resume)
+    seconds = time.perf_counter() - t0
+    if comm.rank == 0:
+        h = result.history
+        print(f"neuroscale {__version__}: trained SANO ({result.model.config.physics})")
+        for e, (tl, vl) in enumerate(zip(h["train_data"], h["val_loss"], strict=True)):
+            print(f"epoch {e + 1:4d}: train data loss {tl:.6g}, validation loss {vl:.6g}")
+        print("final validation metrics:")
+        for k, v in result.metrics.items():
+            print(f"  {k} = {v:.6g}")
+        print(f"wrote {cfg.output.model} ({seconds:.1f} s)")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuroscale", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=__version__)
@@ -210,6 +238,17 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--device", help="torch device for the spectral solver (cpu, cuda)")
     h.add_argument("--json", type=Path, help="write the results to this JSON file")
     h.set_defaults(func=homogenize)
+    t = sub.add_parser(
+        "train",
+        help="train a SANO surrogate from a TOML config",
+        description="Generate or load a dataset, train and calibrate a SANO surrogate, "
+        "and write the model file (see neuroscale_coupling.surrogate.training).",
+    )
+    t.add_argument("--config", type=Path, required=True, help="TOML training config")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the config's checkpoint file"
+    )
+    t.set_defaults(func=train)
     return parser
 
 
