@@ -54,10 +54,11 @@ import ufl
 from dolfinx import fem, mesh
 
 from neuroscale_coupling.closure import ExactClosure
-from neuroscale_coupling.coupling import TwoScaleDriver, write_json_atomic
+from neuroscale_coupling.coupling import TwoScaleDriver
 from neuroscale_coupling.dns import MechanicalDNS
 from neuroscale_coupling.fine import make_solver
 from neuroscale_coupling.hosts.dolfinx_host import MacroQuadrature, MechanicalFE2Problem
+from neuroscale_coupling.io import write_json_atomic
 from neuroscale_coupling.materials import equino_material
 from neuroscale_coupling.microstructure import centre_and_corner_fibres
 

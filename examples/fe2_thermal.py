@@ -37,10 +37,11 @@ import ufl
 from dolfinx import fem, mesh
 
 from neuroscale_coupling.closure import ExactClosure
-from neuroscale_coupling.coupling import TwoScaleDriver, write_json_atomic
+from neuroscale_coupling.coupling import TwoScaleDriver
 from neuroscale_coupling.dns import ThermalDNS
 from neuroscale_coupling.fine import make_solver
 from neuroscale_coupling.hosts.dolfinx_host import MacroQuadrature, ThermalFE2Problem
+from neuroscale_coupling.io import write_json_atomic
 from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase
 from neuroscale_coupling.microstructure import circular_inclusion
 

@@ -15,14 +15,10 @@ Outputs in ``output_dir``:
   statistics, seconds in the closure vs host assembly/solve; written atomically.
 """
 
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFINx wheel)
 
@@ -34,28 +30,12 @@ from neuroscale_coupling.hosts.dolfinx_host import (
     NewtonReport,
     ThermalFE2Problem,
 )
+from neuroscale_coupling.io import write_json_atomic
 from neuroscale_coupling.log import get_logger
 
-__all__ = ["TwoScaleDriver", "write_json_atomic"]
+__all__ = ["TwoScaleDriver"]
 
 log = get_logger(__name__)
-
-
-def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (no partial files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, default=_jsonable))
-    os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 class TwoScaleDriver:

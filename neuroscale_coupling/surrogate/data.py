@@ -35,7 +35,6 @@ Pipeline step 4 (DESIGN.md §2)::
 
 import inspect
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -47,6 +46,7 @@ from mpi4py import MPI
 from scipy.stats import qmc
 
 from neuroscale_coupling.fine.protocol import FineSolveError
+from neuroscale_coupling.io import torch_save_atomic
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.materials import (
     MechanicalMaterial,
@@ -557,19 +557,7 @@ class Dataset:
             "cells": _plain(self.cells),
             "metadata": _plain(self.metadata),
         }
-        target = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(target))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        torch_save_atomic(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Dataset":

@@ -58,7 +58,6 @@ followed by a barrier. Data-parallel training is not implemented.
 
 import math
 import os
-import tempfile
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -70,6 +69,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from neuroscale_coupling.io import torch_save_atomic
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.data import (
     CellFamily,
@@ -396,23 +396,6 @@ def fit_std_scale(err: np.ndarray, std: np.ndarray, levels: Sequence[float] = LE
 
 
 # ============================================================================ model file
-def _atomic_save(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    target = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(
     path: str | os.PathLike[str],
     model: SANO,
@@ -451,7 +434,7 @@ def save_model(
         "history": _plain(dict(history or {})),
         "extra": _plain(dict(extra or {})),
     }
-    _atomic_save(payload, path)
+    torch_save_atomic(path, payload)
 
 
 def load_model(
@@ -908,7 +891,7 @@ def train(
         while not t.stopped:
             t.run_epoch()
             if comm.rank == 0:
-                _atomic_save(t.checkpoint(), ckpt)
+                torch_save_atomic(ckpt, t.checkpoint())
             h = t.history
             bar.set_postfix(train=f"{h['train_data'][-1]:.3g}", val=f"{h['val_loss'][-1]:.3g}")
             bar.update(1)
