@@ -9,6 +9,16 @@ macro states and prints the homogenized response and its consistent tangent::
 ``neuroscale train --config FILE.toml [--resume]`` trains a SANO surrogate as the TOML file
 says (see :mod:`neuroscale_coupling.surrogate.training`), prints progress and the final
 validation metrics, and writes the model file.
+
+``neuroscale evaluate MODEL [--dataset PATH] [--output DIR] [--allow-overlap]`` evaluates a
+model file on held-out microstructures: by default the test split of the dataset it was
+trained on (re-split with the recorded fractions and seed, checked against the recorded
+train/val cells), or all samples of ``--dataset`` (e.g. generated with another seed),
+refused when one of its cells has a training/validation image unless ``--allow-overlap``.
+It prints MSE, relative L2 errors of response and tangent, calibration error and coverage,
+and the mean attention per scale, and writes ``metrics.json``, ``parity.png``,
+``calibration.png`` and ``attention.png`` to DIR (default ``MODEL_STEM_evaluation`` next to
+the model); see :mod:`neuroscale_coupling.surrogate.evaluation`.
 """
 
 import argparse
@@ -192,6 +202,59 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.6g}"
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Run ``neuroscale evaluate``; returns the exit status (collective under MPI)."""
+    from mpi4py import MPI
+
+    from neuroscale_coupling.surrogate.evaluation import evaluate_model
+
+    comm = MPI.COMM_WORLD
+    model = Path(args.model)
+    if not model.exists():
+        raise ValueError(f"model file {model} does not exist")
+    output = args.output if args.output is not None else model.with_name(model.stem + "_evaluation")
+    res = evaluate_model(
+        model,
+        dataset=args.dataset,
+        output=output,
+        comm=comm,
+        allow_overlap=args.allow_overlap,
+    )
+    m = res.metrics
+    if comm.rank == 0:
+        print(f"neuroscale {__version__}: evaluated {model}")
+        print(f"data: {m['source']}, {m['n_cells']} cells, {m['n_samples']} samples")
+        if m.get("held_out") is False:
+            print(f"WARNING: cells {m['overlap_cell_ids']} are training/validation cells")
+        elif m.get("held_out") is None:
+            print("WARNING: the cells could not be checked against the training set")
+        print(
+            f"  mse_response = {_fmt(m['mse_response'])} (normalized "
+            f"{_fmt(m['mse_response_normalized'])})"
+        )
+        print(
+            f"  mse_tangent = {_fmt(m['mse_tangent'])} (normalized "
+            f"{_fmt(m['mse_tangent_normalized'])})"
+        )
+        comps = ", ".join(f"{k} {_fmt(v)}" for k, v in m["rel_l2_response_components"].items())
+        print(f"  rel_l2_response = {_fmt(m['rel_l2_response'])} ({comps})")
+        print(f"  rel_l2_tangent = {_fmt(m['rel_l2_tangent'])}")
+        print(
+            f"  calibration_error = {_fmt(m['calibration_error'])}, coverage68 = "
+            f"{_fmt(m['coverage68'])}, coverage95 = {_fmt(m['coverage95'])}"
+        )
+        att = ", ".join(
+            f"{n} {a:.4f}" for n, a in zip(m["scale_names"], m["attention_per_scale"], strict=True)
+        )
+        print(f"  attention per scale: {att}")
+        print(f"wrote {', '.join(res.paths.values())}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuroscale", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=__version__)
@@ -249,6 +312,28 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the config's checkpoint file"
     )
     t.set_defaults(func=train)
+    e = sub.add_parser(
+        "evaluate",
+        help="evaluate a SANO model on held-out microstructures",
+        description="Metrics (MSE, relative L2 of response and tangent, calibration, "
+        "attention per scale), parity and calibration plots on held-out cells (see "
+        "neuroscale_coupling.surrogate.evaluation).",
+    )
+    e.add_argument("model", type=Path, help="model file written by neuroscale train")
+    e.add_argument(
+        "--dataset",
+        type=Path,
+        help="saved dataset of held-out cells (default: the test split of the training data)",
+    )
+    e.add_argument(
+        "--output", type=Path, help="folder for metrics.json and the plots (MODEL_evaluation)"
+    )
+    e.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="flag instead of refusing evaluation cells that are training/validation cells",
+    )
+    e.set_defaults(func=evaluate)
     return parser
 
 
