@@ -237,3 +237,16 @@ model = "out/model.pt"
     assert main(["train", "--config", str(bad)]) == 2
     assert "unknown keys ['epoch'] in [training]" in capsys.readouterr().err
     comm.barrier()
+
+
+@pytest.mark.parametrize("name", ["thermal", "mechanical"])
+def test_shipped_training_configs_are_valid(name):
+    """The example configs parse and describe the issue-4 families and domains."""
+    from neuroscale_coupling.surrogate.training import load_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train" / f"{name}.toml"
+    cfg = load_config(path)
+    spec = cfg.data.generate.spec()
+    bound = 2.0 if name == "thermal" else 0.04
+    assert spec.domain.upper[0] == bound and spec.domain.lower[0] == -bound
+    assert spec.material.physics == name and spec.n_samples >= 5000
