@@ -13,6 +13,8 @@ from mpi4py import MPI
 pytest.importorskip("dolfinx_solver")
 pytest.importorskip("matplotlib")
 
+from surrogate_cases import GENERATE
+
 from neuroscale_coupling.cli import main
 from neuroscale_coupling.surrogate.data import generate, split
 from neuroscale_coupling.surrogate.evaluation import (
@@ -28,17 +30,6 @@ from neuroscale_coupling.surrogate.training import (
 )
 
 RANK = MPI.COMM_WORLD.rank
-GENERATE = {
-    "physics": "thermal",
-    "n": 8,
-    "phases": [{"k0": 1.0, "alpha": 0.3, "beta": 0.5}, {"k0": 10.0, "alpha": -0.2, "beta": 1.0}],
-    "members": [{"generator": "circular_inclusion", "ranges": {"volume_fraction": [0.05, 0.6]}}],
-    "lower": [-2.0, -2.0, 0.0],
-    "upper": [2.0, 2.0, 1.0],
-    "n_cells": 16,
-    "states_per_cell": 8,
-    "seed": 1,
-}
 # fresh held-out cells: another generator and seed, same material, resolution and domain
 FRESH = {
     **GENERATE,

@@ -14,6 +14,8 @@ from mpi4py import MPI
 
 pytest.importorskip("dolfinx_solver")
 
+from surrogate_cases import GENERATE
+
 from neuroscale_coupling.cli import main
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.surrogate.data import generate
@@ -28,17 +30,6 @@ from neuroscale_coupling.surrogate.training import (
 )
 
 RANK = MPI.COMM_WORLD.rank
-GENERATE = {
-    "physics": "thermal",
-    "n": 8,
-    "phases": [{"k0": 1.0, "alpha": 0.3, "beta": 0.5}, {"k0": 10.0, "alpha": -0.2, "beta": 1.0}],
-    "members": [{"generator": "circular_inclusion", "ranges": {"volume_fraction": [0.05, 0.6]}}],
-    "lower": [-2.0, -2.0, 0.0],
-    "upper": [2.0, 2.0, 1.0],
-    "n_cells": 16,
-    "states_per_cell": 8,
-    "seed": 1,
-}
 MODEL = {
     "levels": 2,
     "tokens_side": 2,

@@ -49,7 +49,6 @@ response component and for the normalized tangent entries), ``calibration.png``
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +58,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from neuroscale_coupling.io import atomic_write
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.data import Dataset, generate, split
 from neuroscale_coupling.surrogate.training import (
@@ -383,21 +383,6 @@ def compute_metrics(
 
 
 # ============================================================================ files
-def _atomic_write(path: Path, write: Any, suffix: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(
     metrics: Mapping[str, Any],
     predictions: Mapping[str, np.ndarray],
@@ -421,10 +406,10 @@ def write_report(
         "attention": out / "attention.png",
     }
     text = json.dumps(dict(metrics), indent=2, allow_nan=False)
-    _atomic_write(paths["json"], lambda fh: fh.write(text.encode()), ".json")
+    atomic_write(paths["json"], lambda fh: fh.write(text.encode()))
 
     def save(fig: Any, key: str) -> None:
-        _atomic_write(paths[key], lambda fh: fig.savefig(fh, format="png", dpi=110), ".png")
+        atomic_write(paths[key], lambda fh: fig.savefig(fh, format="png", dpi=110))
         plt.close(fig)
 
     # parity: one panel per response component + the normalized tangent entries
