@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFINx wheel)
+from neuroscale_coupling.dolfinx_env import direct_solver_type  # first: import order
 
 # isort: split
 import dolfinx.fem.petsc as fem_petsc
@@ -71,12 +71,7 @@ _prefix_counter = itertools.count()
 def default_petsc_options() -> dict[str, Any]:
     """SNES options used unless overridden: Newton with backtracking, direct LU (MUMPS
     when the PETSc build has it, else SuperLU_DIST, else PETSc's serial LU)."""
-    if PETSc.Sys.hasExternalPackage("mumps"):
-        lu = "mumps"
-    elif PETSc.Sys.hasExternalPackage("superlu_dist"):
-        lu = "superlu_dist"
-    else:
-        lu = "petsc"
+    lu = direct_solver_type()
     return {
         "snes_type": "newtonls",
         "snes_linesearch_type": "bt",

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFINx wheel)
+from neuroscale_coupling.dolfinx_env import direct_solver_type  # first: import order
 
 # isort: split
 import basix
@@ -65,7 +65,7 @@ _MAX_HALVINGS = 12
 
 
 def _default_petsc_options() -> dict[str, Any]:
-    solver = "mumps" if PETSc.Sys.hasExternalPackage("mumps") else "petsc"
+    solver = direct_solver_type()
     return {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": solver}
 
 

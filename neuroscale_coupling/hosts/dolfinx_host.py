@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFINx wheel)
+from neuroscale_coupling.dolfinx_env import direct_solver_type  # first: import order
 
 # isort: split
 import basix.ufl
@@ -49,8 +49,9 @@ __all__ = [
 
 log = get_logger(__name__)
 
-#: Newton with a full step and LU (MUMPS): the consistent tangent gives quadratic
-#: convergence. Passed through to PETSc unchanged; the user's options update these.
+#: Newton with a full step and a direct LU (MUMPS when present): the consistent tangent
+#: gives quadratic convergence. Passed through to PETSc unchanged; the user's options
+#: update these.
 DEFAULT_SNES_OPTIONS: dict[str, Any] = {
     "snes_type": "newtonls",
     "snes_linesearch_type": "basic",
@@ -60,7 +61,7 @@ DEFAULT_SNES_OPTIONS: dict[str, Any] = {
     "snes_max_it": 25,
     "ksp_type": "preonly",
     "pc_type": "lu",
-    "pc_factor_mat_solver_type": "mumps",
+    "pc_factor_mat_solver_type": direct_solver_type(),
 }
 
 
