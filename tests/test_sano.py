@@ -284,7 +284,7 @@ def test_d4_average_of_sano_is_equivariant(physics):
 
 
 def test_same_on_all_ranks(comm):
-    from tests.conftest import assert_same_on_all_ranks
+    from conftest import assert_same_on_all_ranks
 
     model = make("thermal")
     out = model(wavelet(images(2)), states("thermal", 2))
@@ -300,3 +300,84 @@ def test_cuda_matches_cpu():
     gpu = model.cuda()([x.cuda() for x in c], s.cuda())
     torch.testing.assert_close(gpu.response.cpu(), cpu.response)
     torch.testing.assert_close(gpu.tangent.cpu(), cpu.tangent)
+
+
+# ----------------------------------------------------------------------------- ablation variants
+ABLATIONS = [
+    {"encoder": "wavelet", "attention": False},
+    {"encoder": "cnn"},
+    {"encoder": "descriptors"},
+]
+
+
+def haar(imgs: np.ndarray, dtype=torch.float64) -> list[torch.Tensor]:
+    out = pywt.wavedec2(imgs, "haar", mode="periodization", level=LEVELS, axes=(-2, -1))
+    return [torch.tensor(out[0][:, None], dtype=dtype)] + [
+        torch.tensor(np.stack(d, 1), dtype=dtype) for d in out[1:]
+    ]
+
+
+def test_default_config_is_the_wavelet_attention_model():
+    from neuroscale_coupling.surrogate.sano import MultiScaleEncoder
+
+    cfg = tiny()
+    d = cfg.to_dict()
+    assert d["encoder"] == "wavelet" and d["attention"] is True
+    assert SANOConfig.from_dict(d) == cfg
+    # A model file written before the ablation fields existed loads as the default model.
+    old = {k: v for k, v in d.items() if k not in ("encoder", "attention")}
+    assert SANOConfig.from_dict(old) == cfg
+    model = make()
+    assert isinstance(model.encoder, MultiScaleEncoder)
+    assert len(model.encoder.layers) == cfg.layers
+    assert set(make(encoder="wavelet", attention=True).state_dict()) == set(model.state_dict())
+    with pytest.raises(ValueError, match="encoder"):
+        SANOConfig(encoder="transformer")
+    with pytest.raises(TypeError, match="attention"):
+        SANOConfig(attention="no")
+
+
+@pytest.mark.parametrize("physics", ["thermal", "mechanical"])
+@pytest.mark.parametrize("variant", ABLATIONS, ids=lambda v: "-".join(map(str, v.values())))
+def test_ablation_variants_shapes(physics, variant):
+    model = make(physics, dtype=torch.float64, **variant)
+    assert SANOConfig.from_dict(model.config.to_dict()) == model.config
+    c = haar(images(3))
+    latent, mass = model.encode(c, return_attention=True)
+    assert latent.shape == (3, 8)
+    assert mass.shape == (3, 2, LEVELS + 1) and torch.isnan(mass).all()
+    assert torch.isnan(model.scale_attention(c)).all()
+    s = states(physics, 5, dtype=torch.float64)
+    pred = model.decode(latent, s, cells=torch.tensor([0, 1, 2, 1, 0]))
+    r = 2 if physics == "thermal" else 3
+    assert pred.response.shape == (5, r)
+    assert pred.tangent.shape == (5, r, 3)
+    assert pred.std.shape == (5, r)
+    assert torch.isfinite(pred.response).all() and torch.isfinite(pred.tangent).all()
+    # The decoder is the default model's, unchanged: same parameter names and shapes.
+    dec = {k: v.shape for k, v in model.decoder.state_dict().items()}
+    assert dec == {k: v.shape for k, v in make(physics).decoder.state_dict().items()}
+    with pytest.raises(ValueError, match="coefficient"):
+        model.encode(c[:-1])
+
+
+def test_haar_band_fields_sum_to_the_image():
+    from neuroscale_coupling.surrogate.sano import haar_band_fields
+
+    x = np.random.default_rng(5).random((2, N_IMG, N_IMG))
+    f = haar_band_fields(haar(x))
+    assert f.shape == (2, 1 + 3 * LEVELS, N_IMG, N_IMG)
+    np.testing.assert_allclose(f.sum(1).numpy(), x, rtol=0, atol=1e-13)
+
+
+def test_descriptor_encoder_sees_only_the_volume_fraction():
+    model = make(dtype=torch.float64, encoder="descriptors")
+    a = np.zeros((1, N_IMG, N_IMG))
+    a[0, :4, :4] = 1.0  # same volume fraction, different arrangement
+    b = np.zeros((1, N_IMG, N_IMG))
+    b[0, 3:11, 5:7] = 1.0
+    za, zb = model.encode(haar(a)), model.encode(haar(b))
+    torch.testing.assert_close(za, zb, rtol=0, atol=1e-12)
+    c = b.copy()
+    c[0, 0, 0] = 1.0
+    assert not torch.allclose(model.encode(haar(c)), za)

@@ -31,6 +31,30 @@ share the trunk and the derivatives of the hidden layer); mean response, its tan
 per-component std × ``std_scale`` (calibration buffer, default 1); :meth:`SANO.kl` is the
 concrete-dropout KL term for the loss.
 
+Ablation variants (``SANOConfig.encoder`` / ``attention``; the decoders are the same in
+every variant, so a comparison isolates the encoder):
+
+* ``encoder="wavelet", attention=True`` (default): the pipeline above.
+* ``attention=False``: the same tokens are mean-pooled directly (no attention layers);
+  the per-scale attention mass is undefined and :meth:`SANO.scale_attention` returns NaN.
+* ``encoder="cnn"``: plain periodic CNN on the image. The received coefficients are turned
+  back into an n × n field by the exact periodized Haar synthesis (fixed, in torch), one
+  channel per band (1 + 3S channels whose sum is the inverse transform); a learned 1 × 1
+  convolution combines them, which undoes the per-band scaling of the
+  :class:`~neuroscale_coupling.surrogate.data.WaveletNormalizer` exactly (the band means
+  only add a fixed 2^l-periodic offset pattern, which is not supplied). With the Haar
+  wavelet (the training default) the network thus sees the phase-value image itself;
+  with another wavelet it sees an orthogonal (invertible) rearrangement of it. Then
+  ``layers + 1`` 3 × 3 convolutions with circular padding (SiLU), each followed by 2 × 2
+  average pooling while the grid is larger than ``tokens_side``, global mean pooling,
+  LayerNorm, linear head. ``attention`` is ignored. Needs periodization sizes n/2^l.
+* ``encoder="descriptors"``: an MLP on one scalar cell descriptor, the cell mean of the
+  normalized coarsest approximation coefficients. The low-pass filter of an orthogonal
+  wavelet preserves means (× 2^S), so this is an affine function of the mean of the
+  phase-value field, i.e. of the phase-1 volume fraction for two phases (exactly, with any
+  orthogonal wavelet and periodization); the MLP's first layer is affine, so this is the
+  same model class as an MLP on the volume fraction. ``attention`` is ignored.
+
 Symmetry (D4): the model receives wavelet coefficients, so the group acts at the image
 level through :func:`d4_average` (caller side), which averages any predictor over the 8
 transforms and is exactly equivariant.
@@ -56,6 +80,7 @@ __all__ = ["SANO", "SANOConfig", "SANOPrediction", "d4_average"]
 _log = get_logger(__name__)
 
 _DIMS = {"thermal": (3, 2), "mechanical": (3, 3)}  # physics -> (state dim d, response dim r)
+_ENCODERS = ("wavelet", "cnn", "descriptors")
 
 
 @dataclass(frozen=True)
@@ -71,6 +96,8 @@ class SANOConfig:
     learn_dropout: concrete dropout (p learned). samples: M fixed masks; mask_seed.
     convex_eps: λ of the λ|G|² term (thermal). zero_mode: "odd" or "shift" (see module doc).
     concrete_temperature, weight_reg, dropout_reg: concrete-dropout relaxation and KL weights.
+    encoder: "wavelet" (default), "cnn" or "descriptors"; attention: attention layers of the
+    wavelet encoder (False: mean pooling of the tokens). Ablation variants, see module doc.
     """
 
     physics: str = "thermal"
@@ -93,8 +120,16 @@ class SANOConfig:
     concrete_temperature: float = 0.1
     weight_reg: float = 1e-6
     dropout_reg: float = 1e-5
+    encoder: str = "wavelet"
+    attention: bool = True
 
     def __post_init__(self) -> None:
+        if self.encoder not in _ENCODERS:
+            raise ValueError(
+                f"unknown encoder {self.encoder!r}: choose one of {', '.join(_ENCODERS)}"
+            )
+        if not isinstance(self.attention, bool):
+            raise TypeError(f"attention must be True or False; got {self.attention!r}")
         if self.physics not in _DIMS:
             raise ValueError(f"unknown physics {self.physics!r}: choose 'thermal' or 'mechanical'")
         if self.zero_mode not in ("odd", "shift"):
@@ -168,7 +203,8 @@ class MultiScaleEncoder(nn.Module):
         self.scale_embedding = nn.Embedding(s + 1, cfg.d_model)
         self.pos_proj = nn.Linear(4 * cfg.pos_freqs, cfg.d_model, bias=False)
         self.layers = nn.ModuleList(
-            ScaleAttentionLayer(cfg.d_model, cfg.heads) for _ in range(cfg.layers)
+            ScaleAttentionLayer(cfg.d_model, cfg.heads)
+            for _ in range(cfg.layers if cfg.attention else 0)
         )
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.latent)
@@ -204,14 +240,122 @@ class MultiScaleEncoder(nn.Module):
         return torch.cat(tokens, 1), torch.cat(scale_ids)
 
     def forward(self, coeffs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """coeffs → (latent (B, latent), attention mass per layer and scale (B, layers, S+1))."""
+        """coeffs → (latent (B, latent), attention mass per layer and scale (B, layers, S+1));
+        the mass is NaN without attention layers (``attention=False``)."""
         x, ids = self._tokens(coeffs)
+        if not self.cfg.attention:
+            return self.head(self.norm(x.mean(1))), _no_attention(self.cfg, x)
         onehot = F.one_hot(ids, self.cfg.levels + 1)
         masses = []
         for layer in self.layers:
             x, m = layer(x, onehot)
             masses.append(m)
         return self.head(self.norm(x.mean(1))), torch.stack(masses, 1)
+
+
+def _no_attention(cfg: SANOConfig, like: torch.Tensor) -> torch.Tensor:
+    """NaN attention mass (B, layers, S+1) of an encoder without attention layers."""
+    shape = (like.shape[0], cfg.layers, cfg.levels + 1)
+    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+
+def _check_coeffs(cfg: SANOConfig, coeffs: Sequence[torch.Tensor]) -> None:
+    if len(coeffs) != cfg.levels + 1:
+        raise ValueError(
+            f"expected {cfg.levels + 1} coefficient tensors [approx, detail_S, …, detail_1]; "
+            f"got {len(coeffs)}"
+        )
+    for i, c in enumerate(coeffs):
+        want = 1 if i == 0 else 3
+        if c.ndim != 4 or c.shape[1] != want:
+            raise ValueError(
+                f"coefficient tensor {i} must have shape (B, {want}, h, w); got {tuple(c.shape)}"
+            )
+
+
+# Periodized Haar synthesis, pywt convention: rows A, H, V, D; column 2p + q is the output
+# pixel (2i + p, 2j + q) of coefficient (i, j).
+_HAAR_SYNTHESIS = (
+    (0.5, 0.5, 0.5, 0.5),
+    (0.5, 0.5, -0.5, -0.5),
+    (0.5, -0.5, 0.5, -0.5),
+    (0.5, -0.5, -0.5, 0.5),
+)
+
+
+def haar_band_fields(coeffs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-band periodized Haar synthesis: [approx (B,1,m,m), detail_S (B,3,m,m), …,
+    detail_1 (B,3,n/2,n/2)] → (B, 1 + 3S, n, n), channel k the inverse transform of band k
+    alone (approx, then H, V, D per level, coarsest first). The channel sum equals
+    ``pywt.waverec2(..., "haar", mode="periodization")``."""
+    m = int(coeffs[0].shape[-1])
+    n = m << (len(coeffs) - 1)
+    k = torch.tensor(_HAAR_SYNTHESIS, dtype=coeffs[0].dtype, device=coeffs[0].device)
+    out = [coeffs[0].repeat_interleave(n // m, -2).repeat_interleave(n // m, -1) * (m / n)]
+    for i, c in enumerate(coeffs[1:]):
+        size = m << i
+        if tuple(c.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"encoder='cnn' needs periodization sizes: detail {i} has shape "
+                f"{tuple(c.shape[-2:])}, expected ({size}, {size})"
+            )
+        b = c.shape[0]
+        y = (c[..., None] * k[1:, None, None, :]).reshape(b, 3, size, size, 2, 2)
+        y = y.permute(0, 1, 2, 4, 3, 5).reshape(b, 3, 2 * size, 2 * size)
+        f = n // (2 * size)
+        if f > 1:
+            y = y.repeat_interleave(f, -2).repeat_interleave(f, -1) / f
+        out.append(y)
+    return torch.cat(out, 1)
+
+
+class CNNEncoder(nn.Module):
+    """Ablation: plain periodic CNN (``encoder="cnn"``, see module doc) → latent (B, latent)."""
+
+    def __init__(self, cfg: SANOConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = nn.Conv2d(1 + 3 * cfg.levels, d, 1)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(d, d, 3, padding=1, padding_mode="circular") for _ in range(cfg.layers + 1)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg.latent)
+
+    def forward(self, coeffs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """coeffs → (latent (B, latent), NaN attention mass (B, layers, S+1))."""
+        _check_coeffs(self.cfg, coeffs)
+        dt = self.head.weight.dtype
+        x = self.embed(haar_band_fields([c.to(dt) for c in coeffs]))
+        for conv in self.convs:
+            x = _silu(conv(x))
+            if x.shape[-1] > self.cfg.tokens_side and x.shape[-1] % 2 == 0:
+                x = F.avg_pool2d(x, 2)
+        x = x.mean((-2, -1))
+        return self.head(self.norm(x)), _no_attention(self.cfg, x)
+
+
+class DescriptorEncoder(nn.Module):
+    """Ablation: MLP on the cell mean of the normalized approximation coefficients (an affine
+    function of the volume fraction, see module doc) → latent (B, latent)."""
+
+    def __init__(self, cfg: SANOConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.inp = nn.Linear(1, d)
+        self.mid = nn.ModuleList(nn.Linear(d, d) for _ in range(cfg.layers))
+        self.head = nn.Linear(d, cfg.latent)
+
+    def forward(self, coeffs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """coeffs → (latent (B, latent), NaN attention mass (B, layers, S+1))."""
+        _check_coeffs(self.cfg, coeffs)
+        x = coeffs[0].to(self.head.weight.dtype).mean((-2, -1))  # (B, 1)
+        x = _silu(self.inp(x))
+        for lin in self.mid:
+            x = _silu(lin(x))
+        return self.head(x), _no_attention(self.cfg, x)
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -464,7 +608,11 @@ class SANO(nn.Module):
         if not isinstance(config, SANOConfig):
             raise TypeError(f"config must be a SANOConfig; got {type(config).__name__}")
         self.config = config
-        self.encoder = MultiScaleEncoder(config)
+        self.encoder: MultiScaleEncoder | CNNEncoder | DescriptorEncoder = {
+            "wavelet": MultiScaleEncoder,
+            "cnn": CNNEncoder,
+            "descriptors": DescriptorEncoder,
+        }[config.encoder](config)
         self.decoder: ThermalPotentialDecoder | StressDecoder = (
             ThermalPotentialDecoder(config)
             if config.physics == "thermal"
@@ -541,12 +689,17 @@ class SANO(nn.Module):
 
         With ``return_attention`` also the per-scale attention mass (B, layers, S+1), scales
         in input order (approx, coarsest detail, …, finest detail); sums to 1 over scales.
+        NaN for the ablation variants without attention (see :meth:`scale_attention`).
         """
         latent, mass = self.encoder(coeffs)
         return (latent, mass) if return_attention else latent
 
     def scale_attention(self, coeffs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-scale attention mass (B, layers, S+1), averaged over heads and queries."""
+        """Per-scale attention mass (B, layers, S+1), averaged over heads and queries.
+
+        Undefined for the ablation variants without attention layers (``attention=False``,
+        ``encoder="cnn"`` or ``"descriptors"``): all NaN, same shape, so that evaluation code
+        runs unchanged and reports NaN."""
         return self.encoder(coeffs)[1]
 
     # -- decoder
