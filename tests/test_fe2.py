@@ -270,3 +270,13 @@ def test_mechanical_two_scale_run_approaches_dns_as_epsilon_shrinks(comm):
         )
         diffs.append(_rel_l2(dns.u, on_fine, ufl.dx))
     assert diffs[1] < 0.6 * diffs[0] and diffs[1] < 0.05, diffs
+
+
+def test_closure_of_the_wrong_physics_is_refused(comm):
+    msh = mesh.create_unit_square(comm, 2, 2, mesh.CellType.quadrilateral)
+    quad = MacroQuadrature(msh, 2)
+    material = equino_material()
+    cells = np.zeros((quad.n_local, 4, 4), dtype=np.int64)
+    closure = ExactClosure(material, FESolver(material), cells, comm=comm)
+    with pytest.raises(TypeError, match="needs a thermal closure; got a mechanical one"):
+        ThermalFE2Problem(quad, closure)

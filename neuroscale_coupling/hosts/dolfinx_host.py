@@ -163,6 +163,8 @@ class NewtonReport:
 class _FE2Problem:
     """Shared machinery: quadrature data, the closure callbacks around SNES, reports."""
 
+    physics: str
+
     def __init__(
         self,
         quadrature: MacroQuadrature,
@@ -171,6 +173,11 @@ class _FE2Problem:
         prefix: str,
         petsc_options: dict[str, Any] | None,
     ) -> None:
+        if closure.material.physics != self.physics:
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.physics} closure; got a "
+                f"{closure.material.physics} one"
+            )
         if closure.n_local != quadrature.n_local:
             raise ValueError(
                 f"the closure has {closure.n_local} local points but the macro quadrature has "
@@ -290,6 +297,8 @@ class ThermalFE2Problem(_FE2Problem):
     The time step is ``problem.dt`` (a Constant); ``advance()`` copies T to T_old.
     """
 
+    physics = "thermal"
+
     def __init__(
         self,
         quadrature: MacroQuadrature,
@@ -306,10 +315,6 @@ class ThermalFE2Problem(_FE2Problem):
         prefix: str = "fe2_thermal_",
     ) -> None:
         super().__init__(quadrature, closure, prefix=prefix, petsc_options=petsc_options)
-        if closure.material.physics != "thermal":
-            raise TypeError(
-                f"ThermalFE2Problem needs a thermal closure; got {closure.material.physics}"
-            )
         msh = quadrature.msh
         self.V = fem.functionspace(msh, ("Lagrange", degree))
         self.u = fem.Function(self.V, name="T")
@@ -359,6 +364,8 @@ class MechanicalFE2Problem(_FE2Problem):
     for that use). traction: optional callable v -> boundary form ∫_Γ t·v ds.
     """
 
+    physics = "mechanical"
+
     def __init__(
         self,
         quadrature: MacroQuadrature,
@@ -371,10 +378,6 @@ class MechanicalFE2Problem(_FE2Problem):
         prefix: str = "fe2_mechanical_",
     ) -> None:
         super().__init__(quadrature, closure, prefix=prefix, petsc_options=petsc_options)
-        if closure.material.physics != "mechanical":
-            raise TypeError(
-                f"MechanicalFE2Problem needs a mechanical closure; got {closure.material.physics}"
-            )
         msh = quadrature.msh
         self.V = fem.functionspace(msh, ("Lagrange", degree, (2,)))
         self.u = fem.Function(self.V, name="u")
