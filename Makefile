@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-serial test-mpi lint bench env
+.PHONY: run test test-serial test-mpi lint bench env models
 
 env: $(STAMP)
 
@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(VENV)/bin/neuroscale homogenize --cell centre_and_corner_fibres --n 64 \
 	    --param volume_fraction=0.45 --physics mechanical --solver fem \
 	    --state 0.02,-0.01,0.01 --json results/homogenize.json
-	$(PY) examples/fe2_thermal.py --output results/fe2_thermal --dns 4
+	$(MPIEXEC) -n 2 $(PY) examples/fe2_thermal.py --output results/fe2_thermal
 
 test: test-serial test-mpi
 
@@ -33,3 +33,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/fine_solvers.py
+	$(MPIEXEC) -n 2 $(PY) benchmarks/fe2_speedup.py
+
+# Reproduce the shipped SANO models from scratch (data generation + training, CPU: about
+# 70 min thermal, 20 min mechanical on two cores; CUDA is used when present).
+models: $(STAMP)
+	$(VENV)/bin/neuroscale train --config examples/train/thermal.toml
+	$(VENV)/bin/neuroscale train --config examples/train/mechanical.toml
+	cp examples/train/models/thermal_sano.pt examples/train/models/mechanical_sano.pt \
+	    neuroscale_coupling/models/

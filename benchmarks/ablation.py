@@ -26,17 +26,17 @@ from pathlib import Path
 import dolfinx_solver  # noqa: F401  (must precede dolfinx/petsc4py)
 import torch
 
-from neuroscale_coupling.surrogate.data import generate, split
-from neuroscale_coupling.surrogate.evaluation import compute_metrics
-from neuroscale_coupling.surrogate.training import (
+from neuroscale_coupling.surrogate.config import (
     DataConfig,
     GenerateConfig,
     OutputConfig,
-    Surrogate,
     TrainConfig,
     TrainingOptions,
-    train,
 )
+from neuroscale_coupling.surrogate.data import generate, split
+from neuroscale_coupling.surrogate.evaluation import compute_metrics
+from neuroscale_coupling.surrogate.model_file import Surrogate
+from neuroscale_coupling.surrogate.training import train
 
 VARIANTS = {
     "sano": {},

@@ -5,9 +5,16 @@ plane strain) is clamped on its left edge and sheared by a uniform vertical trac
 its right edge, raised in load steps. The material at every quadrature point is the
 EquiNO composite cell: a centred fibre plus corner quarter-fibres (fibre fraction 0.45,
 linear elastic E = 73000, ν = 0.22) in the nonlinear EquiNO matrix (K = 4780, c1 = 50,
-c2 = 0.06). Every quadrature point is answered by a true fine-scale cell solve.
+c2 = 0.06).
 
-    .venv/bin/python examples/fe2_mechanical.py            # small and fast
+With ``--closure surrogate`` the closure is the shipped mechanical SANO model with
+fallback to the fine FE solver (calibrated std above ``--std-rel`` of ‖Σ‖, strain outside
+the training box |E_ij| ≤ 0.04, cell outside the training family), and ``--reference``
+also runs the exact-micro FE² and reports the differences and the speed-up. The default
+``--closure exact`` answers every point with a true fine-scale cell solve.
+
+    .venv/bin/python examples/fe2_mechanical.py            # exact-micro, small and fast
+    .venv/bin/python examples/fe2_mechanical.py --closure surrogate --reference
     .venv/bin/python examples/fe2_mechanical.py --large
     .venv/bin/mpiexec -n 2 .venv/bin/python examples/fe2_mechanical.py
 
@@ -39,7 +46,6 @@ the mechanical FE² to the DNS is shown on a square in tests/test_fe2.py.
 """
 
 import argparse
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +59,8 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401
 import ufl
 from dolfinx import fem, mesh
 
-from neuroscale_coupling.closure import ExactClosure
+from neuroscale_coupling.closure import Closure, ExactClosure
+from neuroscale_coupling.comparison import compare_runs, format_summary
 from neuroscale_coupling.coupling import TwoScaleDriver
 from neuroscale_coupling.dns import MechanicalDNS
 from neuroscale_coupling.fine import make_solver
@@ -61,6 +68,15 @@ from neuroscale_coupling.hosts.dolfinx_host import MacroQuadrature, MechanicalFE
 from neuroscale_coupling.io import write_json_atomic
 from neuroscale_coupling.materials import equino_material
 from neuroscale_coupling.microstructure import centre_and_corner_fibres
+from neuroscale_coupling.run_options import (
+    add_closure_arguments,
+    closure_settings,
+    reference_record,
+)
+from neuroscale_coupling.surrogate.closure import SurrogateClosure
+from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions
+from neuroscale_coupling.surrogate.fallback import FallbackPolicy
+from neuroscale_coupling.surrogate.model_file import Surrogate
 
 MATERIAL = equino_material()
 #: Full vertical traction on the right edge (load factor 1).
@@ -105,20 +121,57 @@ def right_edge_traction(msh: Any, magnitude: float = TRACTION) -> Callable[[Any,
 
 
 def build(
-    comm: MPI.Comm, *, macro: int, cell_n: int, solver: str, traction: float = TRACTION
+    comm: MPI.Comm,
+    *,
+    macro: int,
+    cell_n: int,
+    solver: str,
+    traction: float = TRACTION,
+    surrogate: Surrogate | None = None,
+    policy: FallbackPolicy | None = None,
+    enrichment: EnrichmentOptions | None = None,
 ) -> MechanicalFE2Problem:
+    """The FE² membrane; the exact-micro closure, or the surrogate closure when
+    ``surrogate`` is given."""
     msh = cook_membrane(comm, macro)
     quad = MacroQuadrature(msh, 2)
-    cell = centre_and_corner_fibres(cell_n, FIBRE_FRACTION)
-    closure = ExactClosure(
-        MATERIAL,
-        make_solver(solver, MATERIAL),
-        np.broadcast_to(cell, (quad.n_local, cell_n, cell_n)),
-        comm=comm,
+    cells = np.broadcast_to(
+        centre_and_corner_fibres(cell_n, FIBRE_FRACTION), (quad.n_local, cell_n, cell_n)
     )
+    fine = make_solver(solver, MATERIAL)
+    if surrogate is None:
+        closure: Closure = ExactClosure(MATERIAL, fine, cells, comm=comm)
+    else:
+        closure = SurrogateClosure(
+            surrogate, fine, cells, comm=comm, policy=policy, enrichment=enrichment
+        )
     return MechanicalFE2Problem(
         quad, closure, bcs=clamp(msh), traction=right_edge_traction(msh, traction)
     )
+
+
+def run(
+    problem: MechanicalFE2Problem,
+    loads: np.ndarray,
+    output: str | None,
+    progress: bool,
+    meta: dict[str, Any],
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Drive the load steps; returns the summary and u after every step."""
+    history: list[np.ndarray] = []
+
+    def after_step(k: int, load: float) -> dict[str, float]:
+        history.append(problem.u.x.array.copy())
+        return {"corner_deflection": corner_deflection(problem)}
+
+    driver = TwoScaleDriver(
+        problem,
+        output_dir=output,
+        after_step=after_step,
+        progress=progress,
+        metadata={"example": "fe2_mechanical", **meta},
+    )
+    return driver.run(loads), history
 
 
 def matrix_shear_capacity() -> float:
@@ -204,7 +257,10 @@ def compare_with_dns(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--macro", type=int, default=6, help="elements per side")
-    parser.add_argument("--cell-n", type=int, default=16, help="voxels per cell side")
+    parser.add_argument(
+        "--cell-n", type=int, default=None,
+        help="voxels per cell side (default: the model's image size; 16 with --closure exact)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=3, help="load steps up to the full traction")
     parser.add_argument(
         "--solver",
@@ -212,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default="fem",
         help="fine solver (fem: fastest on CPU)",
     )
-    parser.add_argument("--large", action="store_true", help="macro 16, cells 32², 6 steps")
+    parser.add_argument("--large", action="store_true", help="macro 16, 6 steps")
     parser.add_argument("--output", default="results/fe2_mechanical")
     parser.add_argument(
         "--dns", type=int, nargs="*", default=[], metavar="INV_EPS",
@@ -226,11 +282,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--traction", type=float, default=TRACTION,
         help=f"full vertical traction on the right edge (default {TRACTION:g})",
     )  # fmt: skip
+    add_closure_arguments(parser, physics="mechanical", closure="exact", reference=False)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.large:
-        args.macro, args.cell_n, args.steps = 16, 32, 6
+        args.macro, args.steps = 16, 6
     comm = MPI.COMM_WORLD
+    sur, policy, enrichment = closure_settings(args, "mechanical", MATERIAL)
+    if args.cell_n is None:
+        args.cell_n = sur.model.config.image_size if sur is not None else 16
     if any(k < 1 for k in args.dns):
         parser.error(f"--dns {args.dns}: give positive integers INV_EPS (period 48/INV_EPS)")
     if args.dns and args.dns_mesh is None:
@@ -242,24 +302,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "stress saturates), so the DNS has no solution where matrix meets the loaded "
             "edge; pass e.g. --traction 20"
         )
+    options = {
+        "macro": args.macro, "cell_n": args.cell_n, "solver": args.solver,
+        "traction": args.traction,
+    }  # fmt: skip
     problem = build(
-        comm, macro=args.macro, cell_n=args.cell_n, solver=args.solver, traction=args.traction
-    )
-    history: list[np.ndarray] = []
-
-    def after_step(k: int, load: float) -> dict[str, float]:
-        history.append(problem.u.x.array.copy())
-        return {"corner_deflection": corner_deflection(problem)}
-
-    driver = TwoScaleDriver(
-        problem,
-        output_dir=args.output,
-        after_step=after_step,
-        progress=not args.quiet,
-        metadata={"example": "fe2_mechanical", "closure": "exact", **vars(args)},
-    )
+        comm, **options, surrogate=sur, policy=policy, enrichment=enrichment,
+    )  # fmt: skip
     loads = np.linspace(1.0 / args.steps, 1.0, args.steps)
-    summary = driver.run(loads)
+    summary, history = run(problem, loads, args.output, not args.quiet, vars(args))
+    if sur is not None and args.reference:
+        reference = build(comm, **options)
+        ref_summary, ref_history = run(
+            reference, loads, str(Path(args.output) / "reference"), not args.quiet,
+            {**vars(args), "closure": "exact"},
+        )  # fmt: skip
+        summary["reference"] = reference_record(
+            summary, ref_summary, compare_runs(problem, history, reference, ref_history)
+        )
+        summary["reference"]["corner_deflection"] = [
+            s["corner_deflection"] for s in ref_summary["steps"]
+        ]
     if args.dns:
         summary["dns_comparison"] = [
             compare_with_dns(
@@ -274,11 +337,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             for inv_eps in args.dns
         ]
-        if comm.rank == 0:
-            write_json_atomic(Path(args.output) / "summary.json", summary)
-    if comm.rank == 0 and not args.quiet:
-        print(json.dumps({k: v for k, v in summary.items() if k != "steps"}, indent=2))
-        print(f"fields and summary in {args.output}/")
+    if comm.rank == 0:
+        write_json_atomic(Path(args.output) / "summary.json", summary)
+        if not args.quiet:
+            print(format_summary(summary, "FE² Cook's membrane"))
+            tips = ", ".join(f"{s['corner_deflection']:.4g}" for s in summary["steps"])
+            print(f"  tip deflection per load step: {tips}")
+            print(f"fields, maps and summary.json in {args.output}/")
     return summary
 
 

@@ -7,7 +7,7 @@ macro states and prints the homogenized response and its consistent tangent::
         --physics thermal --phase k0=1,beta=0.5 --phase k0=10 --state 1,0.5,0.2 --solver fem
 
 ``neuroscale train --config FILE.toml [--resume]`` trains a SANO surrogate as the TOML file
-says (see :mod:`neuroscale_coupling.surrogate.training`), prints progress and the final
+says (see :mod:`neuroscale_coupling.surrogate.config`), prints progress and the final
 validation metrics, and writes the model file.
 
 ``neuroscale evaluate MODEL [--dataset PATH] [--output DIR] [--allow-overlap]`` evaluates a
@@ -182,7 +182,7 @@ def train(args: argparse.Namespace) -> int:
     """Run ``neuroscale train``; returns the exit status (collective under MPI)."""
     from mpi4py import MPI
 
-    from neuroscale_coupling.surrogate.training import load_config
+    from neuroscale_coupling.surrogate.config import load_config
     from neuroscale_coupling.surrogate.training import train as run_training
 
     comm = MPI.COMM_WORLD
@@ -305,7 +305,7 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a SANO surrogate from a TOML config",
         description="Generate or load a dataset, train and calibrate a SANO surrogate, "
-        "and write the model file (see neuroscale_coupling.surrogate.training).",
+        "and write the model file (see neuroscale_coupling.surrogate.config and .training).",
     )
     t.add_argument("--config", type=Path, required=True, help="TOML training config")
     t.add_argument(

@@ -23,7 +23,17 @@ from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.materials import Material
 from neuroscale_coupling.parallel import BlockPlan, collective_call, gather, scatter
 
-__all__ = ["Closure", "ClosureResult", "ExactClosure", "StepStats", "as_states"]
+__all__ = [
+    "FALLBACK_REASONS",
+    "Closure",
+    "ClosureResult",
+    "ExactClosure",
+    "StepStats",
+    "as_states",
+]
+
+# Why a point was handed to the fine solver; reason code k + 1 in per-point arrays, 0 = not.
+FALLBACK_REASONS = ("domain", "family", "uncertainty")
 
 log = get_logger(__name__)
 
@@ -44,16 +54,25 @@ class ClosureResult:
 
 @dataclass
 class StepStats:
-    """Statistics of one step, summed over ranks (times: slowest rank)."""
+    """Statistics of one step, summed over ranks (times: slowest rank).
+
+    points: global quadrature points; evaluations: closure calls; exact_solves: fine
+    solves (all calls); fallbacks: points sent to the fine solver, by reason; revisions:
+    times the step was solved again because more points had to fall back; seconds of the
+    surrogate and of the fine solves; max_std: largest predicted std component; enrichment:
+    what the online enrichment after the step did (empty when off).
+    """
 
     step: int
     points: int = 0
     evaluations: int = 0
     exact_solves: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
+    revisions: int = 0
     seconds_surrogate: float = 0.0
     seconds_fine: float = 0.0
     max_std: float = 0.0
+    enrichment: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +125,15 @@ class Closure:
         self._step = None
         return stats
 
+    def point_maps(self) -> dict[str, np.ndarray]:
+        """Per-point data of the last step for maps, name -> (n_local,) (none here)."""
+        return {}
+
+    def revise_step(self) -> bool:
+        """After the host's Newton solve of a step converged (collective): True, on every
+        rank, when the closure changed a decision and the step must be solved again."""
+        return False
+
     def _current(self) -> StepStats:
         if self._step is None:
             self.begin_step(len(self.history))
@@ -140,6 +168,44 @@ class Closure:
 
     def _evaluate(self, states: np.ndarray) -> ClosureResult:
         raise NotImplementedError
+
+    def _balanced_solve(
+        self,
+        solver: FineSolver,
+        plan: BlockPlan,
+        work_cells: np.ndarray,
+        states: np.ndarray,
+        numbering: str,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fine solves of this rank's points ``states`` (m, d) on the ranks the plan gives
+        them to (work_cells: the cells of the points this rank works on); returns the
+        response (m, r) and tangent (m, r, d) of my points. Collective; a failure on any
+        rank raises on all (FineSolveError numbers points as ``numbering`` says)."""
+        work_states = scatter(self.comm, plan, np.ascontiguousarray(states))
+        t0 = time.perf_counter()
+
+        def solve() -> tuple[np.ndarray, np.ndarray]:
+            if plan.n_work == 0:
+                d, r = self.material.state_dim, self.material.response_dim
+                return np.empty((0, r)), np.empty((0, r, d))
+            try:
+                h = solver.solve(work_cells, work_states)
+            except FineSolveError as exc:
+                raise FineSolveError(
+                    plan.first_work + exc.index,
+                    exc.state,
+                    f"{exc.reason} (global point numbering: {numbering})",
+                ) from exc
+            return h.response, h.tangent
+
+        response, tangent = collective_call(self.comm, solve, f"{type(self).__name__} fine solve")
+        stats = self._current()
+        stats.seconds_fine += time.perf_counter() - t0
+        stats.exact_solves += plan.n_work
+        return (
+            gather(self.comm, plan, np.ascontiguousarray(response)),
+            gather(self.comm, plan, np.ascontiguousarray(tangent)),
+        )
 
 
 class ExactClosure(Closure):
@@ -180,29 +246,9 @@ class ExactClosure(Closure):
         return cls(material, solver, np.asarray(cell_of(coords)), comm=comm)
 
     def _evaluate(self, states: np.ndarray) -> ClosureResult:
-        work_states = scatter(self.comm, self.plan, states)
-        t0 = time.perf_counter()
-
-        def solve() -> tuple[np.ndarray, np.ndarray]:
-            if self.plan.n_work == 0:
-                d, r = self.material.state_dim, self.material.response_dim
-                return np.empty((0, r)), np.empty((0, r, d))
-            try:
-                h = self.solver.solve(self._work_cells, work_states)
-            except FineSolveError as exc:
-                raise FineSolveError(
-                    self.plan.first_work + exc.index,
-                    exc.state,
-                    f"{exc.reason} (global point numbering: ranks' local points in rank order)",
-                ) from exc
-            return h.response, h.tangent
-
-        response, tangent = collective_call(self.comm, solve, "exact-micro closure")
-        stats = self._current()
-        stats.seconds_fine += time.perf_counter() - t0
-        stats.exact_solves += self.plan.n_work
-        response = gather(self.comm, self.plan, np.ascontiguousarray(response))
-        tangent = gather(self.comm, self.plan, np.ascontiguousarray(tangent))
+        response, tangent = self._balanced_solve(
+            self.solver, self.plan, self._work_cells, states, "ranks' local points in rank order"
+        )
         return ClosureResult(
             response=response,
             tangent=tangent,

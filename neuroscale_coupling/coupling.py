@@ -12,7 +12,12 @@ Outputs in ``output_dir``:
   homogenized response, of its standard deviation and the fraction of exactly solved
   points (DG0), at every step;
 - ``summary.json``: per step the Newton iterations and residuals, closure calls and
-  statistics, seconds in the closure vs host assembly/solve; written atomically.
+  statistics (fallbacks by reason, surrogate vs fine-solve seconds, max std, enrichment),
+  seconds in the closure vs host assembly/solve, and run totals; written atomically;
+- for closures that report per-point maps (the surrogate closure): ``fallback.png`` (why
+  each quadrature point fell back to the fine solver at the last step),
+  ``fallback_steps.png`` (in how many steps it did) and ``predicted_std.png`` (the
+  surrogate's predicted standard deviation at the last step).
 """
 
 import time
@@ -20,11 +25,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFINx wheel)
 
 # isort: split
 from dolfinx import fem, io
 
+from neuroscale_coupling.closure import FALLBACK_REASONS
 from neuroscale_coupling.hosts.dolfinx_host import (
     MechanicalFE2Problem,
     NewtonReport,
@@ -32,6 +40,7 @@ from neuroscale_coupling.hosts.dolfinx_host import (
 )
 from neuroscale_coupling.io import write_json_atomic
 from neuroscale_coupling.log import get_logger
+from neuroscale_coupling.point_maps import write_point_maps
 
 __all__ = ["TwoScaleDriver"]
 
@@ -69,6 +78,8 @@ class TwoScaleDriver:
         self.reports: list[NewtonReport] = []
         self.values: list[float] = []
         self._cell_fields = self._make_cell_fields()
+        self._fallback_steps = np.zeros(problem.closure.n_local, dtype=np.int64)
+        self.maps: dict[str, str] = {}
 
     def _make_cell_fields(self) -> dict[str, Any]:
         msh = self.problem.quadrature.msh
@@ -144,6 +155,9 @@ class TwoScaleDriver:
                     xdmf.write_function(self._output_field(), float(value))
                     for fn in self._cell_fields.values():
                         xdmf.write_function(fn, float(value))
+                maps = self.problem.closure.point_maps()
+                if "fallback" in maps:
+                    self._fallback_steps += maps["fallback"] > 0
                 if bar is not None:
                     bar.set_postfix(
                         newton=report.iterations, closure_s=f"{report.seconds_closure:.2f}"
@@ -156,7 +170,27 @@ class TwoScaleDriver:
                 bar.close()
             if xdmf is not None:
                 xdmf.close()
-        return self.summary(time.perf_counter() - t_start)
+        self._write_maps()
+        summary = self.summary(time.perf_counter() - t_start)
+        if self.output_dir is not None and self.comm.rank == 0:
+            write_json_atomic(self.output_dir / "summary.json", summary)
+        return summary
+
+    def _write_maps(self) -> None:
+        """Point maps of the closure at the last step (collective; rank 0 draws)."""
+        maps = self.problem.closure.point_maps()
+        if self.output_dir is None or not maps:
+            return
+        if "fallback" in maps:
+            maps["fallback_steps"] = self._fallback_steps
+        self.maps = write_point_maps(
+            self.comm,
+            self.problem.quadrature.coordinates,
+            maps,
+            self.output_dir,
+            title=f"step {len(self.values) - 1}",
+            categories={"fallback": FALLBACK_REASONS},
+        )
 
     def _prepare_problem(self, k: int, value: float) -> None:
         p = self.problem
@@ -184,6 +218,12 @@ class TwoScaleDriver:
         ]
         closure_s = sum(r.seconds_closure for r in self.reports)
         host_s = sum(r.seconds_host for r in self.reports)
+        stats = [r.closure_stats for r in self.reports]
+        fallbacks: dict[str, int] = {}
+        for st in stats:
+            for reason, count in st.get("fallbacks", {}).items():
+                fallbacks[reason] = fallbacks.get(reason, 0) + count
+        point_steps = sum(st.get("points", 0) for st in stats)
         return {
             **self.metadata,
             "ranks": self.comm.size,
@@ -191,9 +231,17 @@ class TwoScaleDriver:
             "steps": steps,
             "newton_iterations": sum(r.iterations for r in self.reports),
             "closure_calls": sum(r.closure_calls for r in self.reports),
+            "revisions": sum(r.revisions for r in self.reports),
+            "fallbacks": fallbacks,
+            "fallback_fraction": sum(fallbacks.values()) / point_steps if point_steps else 0.0,
+            "exact_solves": sum(st.get("exact_solves", 0) for st in stats),
+            "max_std": max((st.get("max_std", 0.0) for st in stats), default=0.0),
             "seconds_closure": closure_s,
+            "seconds_surrogate": sum(st.get("seconds_surrogate", 0.0) for st in stats),
+            "seconds_fine": sum(st.get("seconds_fine", 0.0) for st in stats),
             "seconds_host": host_s,
             "seconds_total": seconds_total,
+            "maps": self.maps,
         }
 
     def _write_summary(self, seconds_total: float) -> None:

@@ -13,21 +13,17 @@ from mpi4py import MPI
 pytest.importorskip("dolfinx_solver")
 pytest.importorskip("matplotlib")
 
-from surrogate_cases import GENERATE
+from surrogate_cases import GENERATE, TINY_MODEL
 
 from neuroscale_coupling.cli import main
+from neuroscale_coupling.surrogate.config import GenerateConfig, TrainConfig
 from neuroscale_coupling.surrogate.data import generate, split
 from neuroscale_coupling.surrogate.evaluation import (
     evaluate_model,
     training_images,
 )
-from neuroscale_coupling.surrogate.training import (
-    GenerateConfig,
-    Surrogate,
-    TrainConfig,
-    load_model,
-    train,
-)
+from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
+from neuroscale_coupling.surrogate.training import train
 
 RANK = MPI.COMM_WORLD.rank
 # fresh held-out cells: another generator and seed, same material, resolution and domain
@@ -43,19 +39,6 @@ FRESH = {
     "n_cells": 3,
     "states_per_cell": 4,
     "seed": 11,
-}
-MODEL = {
-    "levels": 2,
-    "tokens_side": 2,
-    "d_model": 16,
-    "heads": 2,
-    "layers": 2,
-    "pos_freqs": 2,
-    "latent": 8,
-    "hidden": 16,
-    "decoder_layers": 2,
-    "dropout": 0.1,
-    "samples": 8,
 }
 SPLIT = (0.6, 0.2, 0.2)
 TRAINING = {
@@ -80,7 +63,7 @@ def trained(tmp_path_factory):
     cfg = TrainConfig.from_dict(
         {
             "data": {"dataset": str(data_file), "split": list(SPLIT), "split_seed": 4},
-            "model": MODEL,
+            "model": {**TINY_MODEL, "layers": 2},
             "training": TRAINING,
             "output": {"model": str(folder / "model.pt")},
         }

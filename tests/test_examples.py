@@ -23,8 +23,8 @@ def _shared_dir(comm, tmp_path, name):
 def test_fe2_thermal_example(comm, tmp_path):
     out = _shared_dir(comm, tmp_path, "thermal")
     summary = _load("fe2_thermal").main(
-        ["--macro", "3", "--cell-n", "8", "--steps", "2", "--output", out, "--quiet",
-         "--dns", "2", "4"]
+        ["--closure", "exact", "--macro", "3", "--cell-n", "8", "--steps", "2", "--output", out,
+         "--quiet", "--dns", "2", "4"]
     )  # fmt: skip
     assert summary["points"] == 6 * 3 * 4  # 6 × 3 quadrilaterals, 2×2 Gauss points
     # Against the DNS of the graded plate: the difference shrinks with the period
@@ -40,6 +40,27 @@ def test_fe2_thermal_example(comm, tmp_path):
         on_disk = json.loads((Path(out) / "summary.json").read_text())
         assert on_disk["newton_iterations"] == summary["newton_iterations"]
         assert (Path(out) / "fields.xdmf").exists() and (Path(out) / "fields.h5").exists()
+
+
+def test_fe2_thermal_main_job_with_the_shipped_model(comm, tmp_path):
+    """The main job at small size: shipped SANO + fallback, and the exact-micro reference."""
+    out = _shared_dir(comm, tmp_path, "main")
+    summary = _load("fe2_thermal").main(
+        ["--macro", "2", "--steps", "2", "--output", out, "--quiet"]
+    )
+    assert summary["closure"] == "surrogate" and summary["points"] == 32
+    ref = summary["reference"]
+    # the closure's answers follow the exact-micro run closely (measured 0.5-1 %)
+    assert max(ref["field_relative_l2"]) < 0.03, ref
+    assert set(summary["fallbacks"]) == {"domain", "family", "uncertainty"}
+    assert summary["fallbacks"]["family"] == 0  # the plate's cells are in the family
+    for step in summary["steps"]:
+        stats = step["closure_stats"]
+        assert stats["points"] == 32 and stats["evaluations"] == step["closure_calls"]
+        assert stats["exact_solves"] == sum(stats["fallbacks"].values()) * step["closure_calls"]
+    if comm.rank == 0:
+        for name in ("summary.json", "fallback.png", "predicted_std.png", "reference/summary.json"):
+            assert (Path(out) / name).exists(), name
 
 
 def test_fe2_mechanical_example(comm, tmp_path):

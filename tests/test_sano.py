@@ -221,11 +221,20 @@ def test_training_mode_gradients_and_kl():
 def test_state_dict_round_trip():
     model = make("mechanical")
     model.set_std_scale(1.7)
+    model.set_std_floor([0.1, 0.2, 0.3])
     model.reset_masks(9)
     clone = SANO(SANOConfig.from_dict(model.config.to_dict())).eval()
     clone.load_state_dict(model.state_dict())
     c, s = wavelet(images(2)), states("mechanical", 2)
     torch.testing.assert_close(clone(c, s).std, model(c, s).std, rtol=0, atol=0)
+    # calibrated std = √((scale · spread)² + floor²); raw_std gives the spread alone
+    with model.raw_std():
+        spread = model(c, s).std
+    expected = torch.sqrt((1.7 * spread) ** 2 + torch.tensor([0.1, 0.2, 0.3]) ** 2)
+    torch.testing.assert_close(model(c, s).std, expected.to(spread.dtype))
+    assert float(model.std_scale) == pytest.approx(1.7) and float(
+        model.std_floor[2]
+    ) == pytest.approx(0.3)
 
 
 def _check_equivariant(fn, imgs, s, physics, rtol=1e-10):

@@ -103,6 +103,28 @@ def test_states_fill_domain():
     np.testing.assert_array_equal(states, DOMAIN.sample(256, 3))
 
 
+def test_inner_states_concentrate_small_loads_only():
+    """inner_fraction: that share of the states lies in the shrunk box (G only, θ keeps its
+    range); all lie in the domain; inner_fraction = 0 is the plain Sobol sample."""
+    import dataclasses
+
+    def seed():
+        return np.random.SeedSequence(5)
+
+    plain = dataclasses.replace(SPEC, n_cells=64, states_per_cell=8)
+    np.testing.assert_array_equal(plain.sample_states(seed()), DOMAIN.sample(512, seed()))
+    spec = dataclasses.replace(plain, inner_fraction=0.5, inner_scale=0.25)
+    states = spec.sample_states(seed())
+    assert states.shape == (512, 3) and np.all(DOMAIN.contains(states))
+    inner = np.all(np.abs(states[:, :2]) <= 0.5, axis=1)
+    # the outer Sobol half also puts 1/16 of its points in the inner box
+    assert 256 + 10 <= inner.sum() <= 256 + 26, inner.sum()
+    assert states[inner, 2].min() < 0.05 and states[inner, 2].max() > 0.95
+    assert DatasetSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="inner_fraction"):
+        dataclasses.replace(SPEC, inner_fraction=1.5)
+
+
 def test_domain_distance_outside():
     d = DOMAIN.distance_outside([[0.0, 0.0, 0.5], [3.0, 0.0, 0.5], [0.0, -2.0, -1.0], [0, 0, 1]])
     np.testing.assert_allclose(d, [0.0, 0.5, 2.0, 0.0])

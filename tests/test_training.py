@@ -14,35 +14,22 @@ from mpi4py import MPI
 
 pytest.importorskip("dolfinx_solver")
 
-from surrogate_cases import GENERATE
+from surrogate_cases import GENERATE, TINY_MODEL
 
 from neuroscale_coupling.cli import main
 from neuroscale_coupling.fine.fem import FESolver
-from neuroscale_coupling.surrogate.data import generate
-from neuroscale_coupling.surrogate.training import (
-    Surrogate,
-    TrainConfig,
+from neuroscale_coupling.surrogate.calibration import (
     calibration_error,
     coverage,
+    fit_std_calibration,
     fit_std_scale,
-    load_model,
-    train,
 )
+from neuroscale_coupling.surrogate.config import TrainConfig
+from neuroscale_coupling.surrogate.data import generate
+from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
+from neuroscale_coupling.surrogate.training import train
 
 RANK = MPI.COMM_WORLD.rank
-MODEL = {
-    "levels": 2,
-    "tokens_side": 2,
-    "d_model": 16,
-    "heads": 2,
-    "layers": 1,
-    "pos_freqs": 2,
-    "latent": 8,
-    "hidden": 16,
-    "decoder_layers": 2,
-    "dropout": 0.1,
-    "samples": 8,
-}
 TRAINING = {"batch_size": 32, "lr": 1e-2, "progress": False, "patience": 0, "seed": 3}
 
 
@@ -50,7 +37,7 @@ def config(folder, name: str, **training) -> TrainConfig:
     return TrainConfig.from_dict(
         {
             "data": {"generate": GENERATE},
-            "model": MODEL,
+            "model": TINY_MODEL,
             "training": {**TRAINING, **training},
             "output": {"model": str(folder / f"{name}_{RANK}.pt")},
         }
@@ -105,7 +92,7 @@ def test_seed_reproducible_and_resume_equals_uninterrupted(dataset, tmp_path):
     resumed = train(resumed_cfg, comm=MPI.COMM_SELF, dataset=dataset, resume=True)
     assert len(resumed.history["val_loss"]) == 3
     for k, v in _weights(full.model).items():
-        if k != "std_scale":
+        if k not in ("std_scale", "std_floor"):
             np.testing.assert_array_equal(v, _weights(resumed.model)[k], err_msg=k)
     assert full.history["val_loss"] == resumed.history["val_loss"]
     # a checkpoint of another configuration is refused
@@ -163,6 +150,18 @@ def test_fit_std_scale_recovers_known_scale():
     np.testing.assert_allclose(coverage(err, s * std, (0.68, 0.95)), (0.68, 0.95), atol=0.01)
     with pytest.raises(ValueError, match="no spread"):
         fit_std_scale(err, np.zeros_like(std))
+
+
+def test_fit_std_calibration_recovers_scale_and_floor():
+    """Errors with a spread-proportional part and a constant part: the pair is recovered
+    and the calibration error drops well below what a scale alone reaches."""
+    rng = np.random.default_rng(1)
+    std = rng.uniform(0.05, 2.0, size=20000)
+    err = np.hypot(2.0 * std, 0.5) * rng.normal(size=std.size)
+    s, c = fit_std_calibration(err, std)
+    assert s == pytest.approx(2.0, rel=0.1) and c == pytest.approx(0.5, rel=0.2)
+    alone = calibration_error(err, fit_std_scale(err, std) * std)
+    assert calibration_error(err, np.hypot(s * std, c)) < min(0.01, alone / 2), alone
 
 
 def test_cli_train_end_to_end(tmp_path, capsys):
@@ -233,7 +232,7 @@ model = "out/model.pt"
 @pytest.mark.parametrize("name", ["thermal", "mechanical"])
 def test_shipped_training_configs_are_valid(name):
     """The example configs parse and describe the issue-4 families and domains."""
-    from neuroscale_coupling.surrogate.training import load_config
+    from neuroscale_coupling.surrogate.config import load_config
 
     path = Path(__file__).resolve().parents[1] / "examples" / "train" / f"{name}.toml"
     cfg = load_config(path)

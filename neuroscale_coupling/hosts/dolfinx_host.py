@@ -140,7 +140,9 @@ def voigt_strain(w: Any) -> Any:
 
 @dataclass
 class NewtonReport:
-    """One Newton solve: iterations, ‖F‖ per iteration, seconds in closure vs host."""
+    """One step: Newton iterations (all solves), ‖F‖ per iteration of the last solve,
+    seconds in closure vs host, closure statistics, revisions (extra solves because the
+    closure changed its decisions)."""
 
     iterations: int
     residuals: list[float]
@@ -149,6 +151,7 @@ class NewtonReport:
     seconds_closure: float
     seconds_host: float
     closure_stats: dict[str, Any] = field(default_factory=dict)
+    revisions: int = 0
 
     def observed_orders(self) -> list[float]:
         """Convergence orders log(r_{k+1}/r_k) / log(r_k/r_{k-1}) along the history."""
@@ -193,6 +196,7 @@ class _FE2Problem:
         self._calls = 0
         self._seconds_closure = 0.0
         self._step = 0
+        self.max_revisions = 3
         self.last_result: Any = None
 
     # Subclasses set: self.u, self._state_expr, self._fill(result), self.F, self.J, self.bcs
@@ -245,36 +249,37 @@ class _FE2Problem:
         """One Newton solve at the current load/time (collective).
 
         Opens a closure step (the closure's decisions hold through its Newton
-        iterations), solves, closes the step. Raises RuntimeError, on every rank, when
-        SNES does not converge.
+        iterations), solves, and solves again from the converged field while the closure
+        revises its decisions (``Closure.revise_step``, at most ``max_revisions`` times),
+        then closes the step. Raises RuntimeError, on every rank, when SNES does not
+        converge.
         """
-        snes = self.problem.solver
         self.closure.begin_step(self._step)
-        self._calls, self._seconds_closure, self._last_x = 0, 0.0, None
+        self._calls, self._seconds_closure = 0, 0.0
         # Start from the Dirichlet values: the residual is a consistent function of the
         # iterate (and the closure sees a meaningful field) only once they hold.
         for bc in self.bcs:
             bc.set(self.u.x.array)
         self.u.x.scatter_forward()
         t0 = time.perf_counter()
-        failure = ""
-        try:
-            self.problem.solve()
-        except PETSc.Error as exc:  # a closure error inside a callback surfaces here
-            failure = f"{exc}"
+        iterations, revisions = 0, 0
+        while True:
+            residuals, reason, failure = self._newton()
+            iterations += self.problem.solver.getIterationNumber()
+            if reason <= 0 or revisions == self.max_revisions or not self.closure.revise_step():
+                break
+            revisions += 1
         seconds = time.perf_counter() - t0
         stats = self.closure.end_step()
-        reason = -1000 if failure else int(snes.getConvergedReason())
-        reason = self.comm.allreduce(reason, op=MPI.MIN)
-        residuals = [float(r) for r in snes.getConvergenceHistory()[0]]
         report = NewtonReport(
-            iterations=snes.getIterationNumber(),
+            iterations=iterations,
             residuals=residuals,
             converged_reason=int(reason),
             closure_calls=self._calls,
             seconds_closure=self.comm.allreduce(self._seconds_closure, op=MPI.MAX),
             seconds_host=self.comm.allreduce(seconds - self._seconds_closure, op=MPI.MAX),
             closure_stats=stats.as_dict(),
+            revisions=revisions,
         )
         if reason <= 0:
             detail = failure or f"SNES reason {reason}, residuals {residuals[-3:]}"
@@ -284,6 +289,20 @@ class _FE2Problem:
             )
         self._step += 1
         return report
+
+    def _newton(self) -> tuple[list[float], int, str]:
+        """One SNES solve from the current field: (‖F‖ history, reason agreed by all
+        ranks (-1000: an error in a callback), the error message)."""
+        self._last_x = None
+        failure = ""
+        try:
+            self.problem.solve()
+        except PETSc.Error as exc:  # a closure error inside a callback surfaces here
+            failure = f"{exc}"
+        snes = self.problem.solver
+        reason = -1000 if failure else int(snes.getConvergedReason())
+        reason = self.comm.allreduce(reason, op=MPI.MIN)
+        return [float(r) for r in snes.getConvergenceHistory()[0]], reason, failure
 
 
 class ThermalFE2Problem(_FE2Problem):

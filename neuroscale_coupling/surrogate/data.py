@@ -33,6 +33,7 @@ Pipeline step 4 (DESIGN.md §2)::
   the normalized state.
 """
 
+import dataclasses
 import inspect
 import os
 import time
@@ -69,6 +70,7 @@ __all__ = [
     "material_from_dict",
     "material_to_dict",
     "phase_values",
+    "plain_values",
     "split",
 ]
 
@@ -78,14 +80,14 @@ _FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------- helpers
-def _plain(value: Any) -> Any:
+def plain_values(value: Any) -> Any:
     """Convert to types ``torch.load(weights_only=True)`` and JSON accept."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_values(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain_values(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
+        return plain_values(value.tolist())
     if isinstance(value, bool | np.bool_):
         return bool(value)
     if isinstance(value, int | np.integer):
@@ -305,7 +307,7 @@ class CellMember:
     def to_dict(self) -> dict[str, Any]:
         return {
             "generator": self.generator,
-            "fixed": _plain(dict(self.fixed)),
+            "fixed": plain_values(dict(self.fixed)),
             "ranges": {k: [lo, hi] for k, (lo, hi) in self.ranges},
             "weight": self.weight,
         }
@@ -364,7 +366,7 @@ class CellFamily:
             if image.max() > np.iinfo(np.int8).max:
                 raise ValueError(f"cell {c} has phase id {image.max()} > 127: too many phases")
             images[c] = image
-            records.append({"generator": member.generator, "params": _plain(params)})
+            records.append({"generator": member.generator, "params": plain_values(params)})
         return images, records
 
     def to_dict(self) -> dict[str, Any]:
@@ -393,7 +395,11 @@ class DatasetSpec:
     equal material.state_dim); n_cells cells with states_per_cell states each
     (N = n_cells × states_per_cell samples); solver: "fem" or "spectral" with
     solver_options (plain values; for the spectral solver ``dtype`` as "float64" or
-    "float32"); seed: drives cells and states.
+    "float32"); seed: drives cells and states. inner_fraction, inner_scale: a share
+    ``inner_fraction`` of the states comes from the box shrunk by ``inner_scale`` about its
+    centre in the gradient/strain components (θ keeps its full range): a Sobol sequence over
+    the box puts few samples at small loads, where responses are small and a fit measured
+    in absolute terms is loose; these samples make it tight there too.
     """
 
     material: ThermalMaterial | MechanicalMaterial
@@ -404,8 +410,14 @@ class DatasetSpec:
     solver: str = "fem"
     solver_options: Any = ()
     seed: int = 0
+    inner_fraction: float = 0.0
+    inner_scale: float = 0.25
 
     def __post_init__(self) -> None:
+        if not 0 <= self.inner_fraction <= 1:
+            raise ValueError(f"inner_fraction={self.inner_fraction} must lie in [0, 1]")
+        if not 0 < self.inner_scale <= 1:
+            raise ValueError(f"inner_scale={self.inner_scale} must lie in (0, 1]")
         if not isinstance(self.material, ThermalMaterial | MechanicalMaterial):
             raise TypeError(
                 f"material must be a ThermalMaterial or MechanicalMaterial; got "
@@ -427,12 +439,28 @@ class DatasetSpec:
         if self.solver not in ("fem", "spectral"):
             raise ValueError(f"solver={self.solver!r}: choose 'fem' or 'spectral'")
         opts = tuple(sorted(dict(self.solver_options).items()))
-        _plain(dict(opts))  # raises TypeError for values that cannot be stored
+        plain_values(dict(opts))  # raises TypeError for values that cannot be stored
         object.__setattr__(self, "solver_options", opts)
 
     @property
     def n_samples(self) -> int:
         return self.n_cells * self.states_per_cell
+
+    def sample_states(self, seed: np.random.SeedSequence) -> np.ndarray:
+        """The N states (N, d), in random order: Sobol over the box and, for a share
+        inner_fraction, over the inner box (see the class doc)."""
+        n = self.n_samples
+        n_inner = round(self.inner_fraction * n)
+        if n_inner == 0:
+            return self.domain.sample(n, seed)
+        outer_seed, inner_seed, order_seed = seed.spawn(3)
+        outer = self.domain.sample(n - n_inner, outer_seed)
+        inner = self.domain.sample(n_inner, inner_seed)
+        loads = np.array([name != "theta" for name in self.domain.names])
+        c = self.domain.center
+        inner[:, loads] = c[loads] + self.inner_scale * (inner[:, loads] - c[loads])
+        states = np.concatenate([outer, inner])
+        return states[np.random.default_rng(order_seed).permutation(n)]
 
     def make_solver(self) -> Any:
         """The fine solver this spec names (imports DOLFINx or torch on demand)."""
@@ -453,8 +481,10 @@ class DatasetSpec:
             "n_cells": self.n_cells,
             "states_per_cell": self.states_per_cell,
             "solver": self.solver,
-            "solver_options": _plain(dict(self.solver_options)),
+            "solver_options": plain_values(dict(self.solver_options)),
             "seed": self.seed,
+            "inner_fraction": self.inner_fraction,
+            "inner_scale": self.inner_scale,
         }
 
     @classmethod
@@ -468,6 +498,8 @@ class DatasetSpec:
             solver=d["solver"],
             solver_options=dict(d["solver_options"]),
             seed=int(d["seed"]),
+            inner_fraction=float(d.get("inner_fraction", 0.0)),
+            inner_scale=float(d.get("inner_scale", 0.25)),
         )
 
 
@@ -531,33 +563,68 @@ class Dataset:
             metadata=meta,
         )
 
+    def sample_rows(self, max_rows: int, seed: int = 0) -> "Dataset":
+        """At most ``max_rows`` samples drawn without replacement (all rows when there are
+        fewer), in their original order; every cell image is kept."""
+        n = len(self)
+        if n <= max_rows:
+            return self
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+        return dataclasses.replace(
+            self,
+            cell_index=self.cell_index[rows],
+            states=self.states[rows],
+            response=self.response[rows],
+            tangent=self.tangent[rows],
+            newton_iterations=self.newton_iterations[rows],
+        )
+
     # -------------------------------------------------------------- file I/O
+    def to_payload(self) -> dict[str, Any]:
+        """The dataset as a dict of tensors and plain values (what :meth:`save` writes;
+        also embedded in model files): ``format``, ``format_version``, tensors ``images``
+        … ``newton_iterations``, plain ``cells``/``metadata``."""
+        import torch
+
+        def tensor(a: np.ndarray, dtype: Any) -> Any:
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+
+        return {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "images": tensor(self.images, np.int8),
+            "cell_ids": tensor(self.cell_ids, np.int64),
+            "cell_index": tensor(self.cell_index, np.int64),
+            "states": tensor(self.states, np.float64),
+            "response": tensor(self.response, np.float64),
+            "tangent": tensor(self.tangent, np.float64),
+            "newton_iterations": tensor(self.newton_iterations, np.int64),
+            "cells": plain_values(self.cells),
+            "metadata": plain_values(self.metadata),
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Any, where: str = "payload") -> "Dataset":
+        """Rebuild a dataset from :meth:`to_payload`; ``where`` names the source in errors."""
+        if not isinstance(payload, Mapping) or payload.get("format") != _FORMAT:
+            raise ValueError(f"{where} is not a neuroscale dataset (no format={_FORMAT!r})")
+        if payload.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"{where} has dataset format version {payload.get('format_version')}; this "
+                f"library reads version {_FORMAT_VERSION}: regenerate the dataset"
+            )
+        names = ("images", "cell_ids", "cell_index", "states", "response", "tangent")
+        arrays = {k: payload[k].numpy() for k in (*names, "newton_iterations")}
+        return cls(**arrays, cells=list(payload["cells"]), metadata=dict(payload["metadata"]))
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the dataset to ``path`` atomically (not collective: call on one rank).
 
-        The file loads with ``torch.load(path, weights_only=True)``: a dict with
-        ``format``, ``format_version``, tensors ``images`` … ``newton_iterations`` and
-        plain ``cells``/``metadata``. It is written to a temporary file in the same folder
-        and moved over ``path`` with ``os.replace`` only when complete.
+        The file loads with ``torch.load(path, weights_only=True)`` (see
+        :meth:`to_payload`). It is written to a temporary file in the same folder and
+        moved over ``path`` with ``os.replace`` only when complete.
         """
-        import torch
-
-        payload = {
-            "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
-            "images": torch.from_numpy(np.ascontiguousarray(self.images, dtype=np.int8)),
-            "cell_ids": torch.from_numpy(np.ascontiguousarray(self.cell_ids, dtype=np.int64)),
-            "cell_index": torch.from_numpy(np.ascontiguousarray(self.cell_index, dtype=np.int64)),
-            "states": torch.from_numpy(np.ascontiguousarray(self.states, dtype=np.float64)),
-            "response": torch.from_numpy(np.ascontiguousarray(self.response, dtype=np.float64)),
-            "tangent": torch.from_numpy(np.ascontiguousarray(self.tangent, dtype=np.float64)),
-            "newton_iterations": torch.from_numpy(
-                np.ascontiguousarray(self.newton_iterations, dtype=np.int64)
-            ),
-            "cells": _plain(self.cells),
-            "metadata": _plain(self.metadata),
-        }
-        torch_save_atomic(path, payload)
+        torch_save_atomic(path, self.to_payload())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Dataset":
@@ -565,26 +632,7 @@ class Dataset:
         import torch
 
         payload = torch.load(os.fspath(path), weights_only=True, map_location="cpu")
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a neuroscale dataset file (no format={_FORMAT!r})")
-        if payload.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has dataset format version {payload.get('format_version')}; this "
-                f"library reads version {_FORMAT_VERSION}: regenerate the dataset"
-            )
-        arrays = {
-            k: payload[k].numpy()
-            for k in (
-                "images",
-                "cell_ids",
-                "cell_index",
-                "states",
-                "response",
-                "tangent",
-                "newton_iterations",
-            )
-        }
-        return cls(**arrays, cells=list(payload["cells"]), metadata=dict(payload["metadata"]))
+        return cls.from_payload(payload, os.fspath(path))
 
 
 def _allgather_rows(comm: MPI.Comm, rows: np.ndarray) -> np.ndarray:
@@ -620,7 +668,7 @@ def generate(spec: DatasetSpec, *, comm: MPI.Comm | None = None, progress: bool 
     t0 = time.perf_counter()
     cell_seed, state_seed = np.random.SeedSequence(spec.seed).spawn(2)
     images, records = spec.family.draw(spec.n_cells, cell_seed)
-    states = spec.domain.sample(spec.n_samples, state_seed)
+    states = spec.sample_states(state_seed)
     k = spec.states_per_cell
     first = spec.n_cells * comm.rank // comm.size
     last = spec.n_cells * (comm.rank + 1) // comm.size

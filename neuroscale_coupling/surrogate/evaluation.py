@@ -34,7 +34,7 @@ reference are ``null``):
   as an (r, d) nested list, rows = responses, columns = states); same for the tangent.
 * ``calibration_error`` = mean over p = 0.05, 0.10, …, 0.95 of |coverage_p − p|, where
   coverage_p is the share of response errors inside ±z_p·std with the model's
-  (calibrated) std, all components pooled (:func:`training.calibration_error`);
+  (calibrated) std, all components pooled (:func:`calibration.calibration_error`);
   ``coverage68``, ``coverage95``; ``calibration_curve`` {nominal, empirical}. ``null``
   when the model has no spread (dropout = 0).
 * ``attention_per_scale``: the mean attention mass per scale (averaged over the distinct
@@ -60,15 +60,10 @@ from mpi4py import MPI
 
 from neuroscale_coupling.io import atomic_write
 from neuroscale_coupling.log import get_logger
+from neuroscale_coupling.surrogate.calibration import LEVELS_P, calibration_error, coverage
+from neuroscale_coupling.surrogate.config import GenerateConfig
 from neuroscale_coupling.surrogate.data import Dataset, generate, split
-from neuroscale_coupling.surrogate.training import (
-    LEVELS_P,
-    GenerateConfig,
-    Surrogate,
-    _coeff_tensors,
-    calibration_error,
-    coverage,
-)
+from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
 
 __all__ = [
     "EvaluationResult",
@@ -373,7 +368,7 @@ def compute_metrics(
     p = model.state_scale
     with torch.no_grad():
         mass = model.scale_attention(
-            _coeff_tensors(surrogate.wavelet, data.images, p.dtype, p.device)
+            wavelet_inputs(surrogate.wavelet, data.images, p.dtype, p.device)
         )
     att = mass.double().cpu().numpy().mean(axis=(0, 1))
     m["scale_names"] = scale_names(meta)

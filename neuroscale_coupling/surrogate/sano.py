@@ -28,8 +28,14 @@ evaluates G and 0 in one batch, so both modes cost about the same):
 
 Uncertainty: M fixed Monte Carlo dropout masks on the last hidden layer (the M samples
 share the trunk and the derivatives of the hidden layer); mean response, its tangent, and
-per-component std × ``std_scale`` (calibration buffer, default 1); :meth:`SANO.kl` is the
-concrete-dropout KL term for the loss.
+per-component calibrated std √((std_scale · spread)² + std_floor² + (family_gain · e ·
+‖response‖)²) — the spread of the M samples scaled, a floor, and a term for cells outside
+the training family: e = max(0, ρ − 1) with ρ the latent Mahalanobis distance of the cell
+to the training cells divided by its 99th percentile over them (:meth:`SANO.fit_family`,
+:meth:`SANO.family_ratio`). The dropout spread alone does not see a foreign cell (it
+measures how the last layer varies, not how far the latent lies from what training
+showed); the distance term does. Buffers default to scale 1, floor 0 and no family (ρ = 0):
+the raw spread. :meth:`SANO.kl` is the concrete-dropout KL term for the loss.
 
 Ablation variants (``SANOConfig.encoder`` / ``attention``; the decoders are the same in
 every variant, so a comparison isolates the encoder):
@@ -60,7 +66,8 @@ level through :func:`d4_average` (caller side), which averages any predictor ove
 transforms and is exactly equivariant.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -636,6 +643,12 @@ class SANO(nn.Module):
             ("std_scale", 1.0),
         ):
             self.register_buffer(name, torch.tensor(value))
+        self.register_buffer("std_floor", torch.zeros(config.response_dim))
+        # Training-family statistics of the latents (fit_family); scale 0 = not fitted.
+        self.register_buffer("family_mean", torch.zeros(config.latent))
+        self.register_buffer("family_precision", torch.eye(config.latent))
+        self.register_buffer("family_scale", torch.tensor(0.0))
+        self.register_buffer("family_gain", torch.tensor(1.0))
 
     # -- configuration helpers
     def reset_masks(self, seed: int) -> None:
@@ -671,6 +684,77 @@ class SANO(nn.Module):
         if not scale > 0:
             raise ValueError(f"std scale {scale} must be > 0")
         self.std_scale.fill_(float(scale))
+
+    def set_std_floor(self, floor: Sequence[float]) -> None:
+        """Calibration floor (r,) ≥ 0 in response units, added in quadrature to the scaled
+        spread (fitted on the validation split)."""
+        f = torch.as_tensor(floor, dtype=self.std_floor.dtype).reshape(-1)
+        if f.shape != self.std_floor.shape or not bool(torch.all(f >= 0)):
+            raise ValueError(f"std floor {floor} must hold {self.std_floor.numel()} values >= 0")
+        self.std_floor.copy_(f)
+
+    @contextmanager
+    def raw_std(self, *, family: bool = False) -> Iterator[None]:
+        """Within the block the std is the raw spread of the M samples (scale 1, floor 0;
+        with ``family`` the family term stays on); the calibration is restored afterwards."""
+        scale, floor, gain = (
+            self.std_scale.clone(),
+            self.std_floor.clone(),
+            self.family_gain.clone(),
+        )
+        self.std_scale.fill_(1.0)
+        self.std_floor.zero_()
+        if not family:
+            self.family_gain.zero_()
+        try:
+            yield
+        finally:
+            self.std_scale.copy_(scale)
+            self.std_floor.copy_(floor)
+            self.family_gain.copy_(gain)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """As torch's, accepting states saved before the calibration floor and the family
+        statistics existed (their defaults: floor 0, no family)."""
+        state = dict(state_dict)
+        for name in ("std_floor", "family_mean", "family_precision", "family_scale"):
+            state.setdefault(name, getattr(self, name).clone())
+        state.setdefault("family_gain", torch.ones_like(self.family_gain))
+        return super().load_state_dict(state, *args, **kwargs)
+
+    @torch.no_grad()
+    def fit_family(self, latents: torch.Tensor, *, quantile: float = 0.99) -> None:
+        """Training-family statistics from the latents (C, latent) of the training cells:
+        mean, precision (inverse covariance, ridge 1e-3 × mean variance: a degenerate family
+        must not turn round-off into distance) and the
+        ``quantile`` of their Mahalanobis distances (the unit of :meth:`family_ratio`)."""
+        z = latents.detach().to(torch.float64)
+        if z.shape[0] < 2:
+            raise ValueError(f"fit_family needs latents of >= 2 cells; got {z.shape[0]}")
+        mean = z.mean(0)
+        cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1])
+        ridge = 1e-3 * float(cov.diagonal().mean()) + 1e-12
+        precision = torch.linalg.inv(cov + ridge * torch.eye(z.shape[1], dtype=z.dtype))
+        d = self._mahalanobis(z, mean, precision)
+        dt = self.family_mean.dtype
+        self.family_mean.copy_(mean.to(dt))
+        self.family_precision.copy_(precision.to(dt))
+        self.family_scale.fill_(float(torch.quantile(d, quantile)))
+
+    @staticmethod
+    def _mahalanobis(z: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+        diff = z - mean
+        return torch.einsum("ni,ij,nj->n", diff, precision, diff).clamp_min(0).sqrt()
+
+    def family_ratio(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B,) latent Mahalanobis distance to the training family over its 99th
+        percentile (about 1 or below for cells like the training ones; 0 when the family
+        was not fitted)."""
+        if float(self.family_scale) <= 0:
+            return torch.zeros(latent.shape[0], dtype=latent.dtype, device=latent.device)
+        z = latent.to(self.family_mean.dtype)
+        d = self._mahalanobis(z, self.family_mean, self.family_precision)
+        return (d / self.family_scale).to(latent.dtype)
 
     def kl(self) -> torch.Tensor:
         """Concrete-dropout KL term of the masked decoder layer (0-d tensor)."""
@@ -765,12 +849,17 @@ class SANO(nn.Module):
         tangent = rs * tangent * ds  # chain rule through the state normalization
         m = samples.shape[1]
         std = samples.std(1, correction=0) if m > 1 else torch.zeros_like(response)
+        std = torch.sqrt((std * self.std_scale) ** 2 + self.std_floor**2)
+        if float(self.family_scale) > 0 and float(self.family_gain) > 0:
+            excess = (self.family_ratio(latent) - 1).clamp_min(0)
+            size = response.detach().norm(dim=1)
+            std = torch.sqrt(std**2 + (self.family_gain * excess * size)[:, None] ** 2)
         if tangent.shape != (n, r, d):  # pragma: no cover - internal consistency
             raise RuntimeError(f"tangent shape {tuple(tangent.shape)} != {(n, r, d)}")
         return SANOPrediction(
             response=response,
             tangent=tangent,
-            std=std * self.std_scale,
+            std=std,
             samples=samples if return_samples else None,
         )
 

@@ -1,17 +1,14 @@
-"""Training of the NeuroScale surrogate (SANO): config, loss, loop, calibration, model file.
+"""Training of the NeuroScale surrogate (SANO): data, loss, loop, early stopping and
+calibration, ending with the model file.
 
 Pipeline step 5 (DESIGN.md §2, §6)::
 
-    cfg = load_config("train.toml")            # TOML → frozen dataclasses
+    cfg = load_config("train.toml")            # surrogate.config
     result = train(cfg)                         # data, fit, early stopping, calibration, file
-    model, meta = load_model("model.pt")        # torch.load(weights_only=True)
-    sur = Surrogate.load("model.pt"); q, t, std = sur.predict(images, states)
 
-**Units.** The model works on physical states and returns physical responses: its own
-scaling buffers are set from the training domain (``SANO.set_scaling``: G or E divided by
-the largest |bound| of those components, no shift so that Q(0) = 0 / Σ(0) = 0 survives;
-θ shifted/scaled to the domain; response × the RMS of the training responses). Images
-enter through the fitted :class:`WaveletNormalizer`. The per-component
+The model file and :class:`~neuroscale_coupling.surrogate.model_file.Surrogate` live in
+:mod:`~neuroscale_coupling.surrogate.model_file`, the std-scale fit in
+:mod:`~neuroscale_coupling.surrogate.calibration`. The per-component
 :class:`Normalization` (domain box → [-1, 1], response / per-component RMS) defines the
 loss: normalized response and tangent errors, so components of different size count alike.
 
@@ -46,10 +43,11 @@ numpy shuffling generator from (seed, e), so a run resumed from a checkpoint (wr
 atomically after every epoch with the optimizer, running means, best state and history)
 retraces the uninterrupted run exactly on the same device.
 
-**Calibration.** On the validation split (eval mode, the fixed MC masks): the std scale s
-minimizing the calibration error ``mean_p |coverage_p(s) − p|`` over nominal levels p =
-0.05, 0.10, …, 0.95 of the Gaussian intervals ±z_p·s·std (all response components
-pooled, normalized units); a log-grid search then a local refinement. ``set_std_scale(s)``.
+**Family and calibration.** The latent family statistics (:meth:`SANO.fit_family`) are
+fitted on the training cells' latents. On the validation split (eval mode, the fixed MC masks):
+:func:`~neuroscale_coupling.surrogate.calibration.fit_std_calibration` on the normalized
+response errors and the raw spread gives (s, c); ``set_std_scale(s)`` and
+``set_std_floor(c × per-component response RMS)``.
 
 **MPI.** :func:`train` with a communicator: dataset generation is collective; every rank
 trains the same (deterministic) copy; rank 0 alone writes the checkpoint and model file,
@@ -59,10 +57,8 @@ followed by a barrier. Data-parallel training is not implemented.
 import math
 import os
 import time
-import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,464 +67,33 @@ from mpi4py import MPI
 
 from neuroscale_coupling.io import torch_save_atomic
 from neuroscale_coupling.log import get_logger
+from neuroscale_coupling.surrogate.calibration import (
+    calibration_error,
+    coverage,
+    fit_std_calibration,
+)
+from neuroscale_coupling.surrogate.config import TrainConfig
 from neuroscale_coupling.surrogate.data import (
-    CellFamily,
-    CellMember,
     Dataset,
-    DatasetSpec,
     Normalization,
     StateDomain,
     WaveletNormalizer,
     generate,
-    material_from_dict,
-    material_to_dict,
+    plain_values,
     split,
 )
+from neuroscale_coupling.surrogate.model_file import save_model, wavelet_inputs
 from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
 from neuroscale_coupling.symmetry import D4, response_matrix, state_matrix, transform_image
 
-__all__ = [
-    "DataConfig",
-    "GenerateConfig",
-    "OutputConfig",
-    "Surrogate",
-    "TrainConfig",
-    "TrainResult",
-    "TrainingOptions",
-    "calibration_error",
-    "coverage",
-    "fit_std_scale",
-    "load_config",
-    "load_model",
-    "save_model",
-    "train",
-]
+__all__ = ["CALIBRATION_SAMPLES", "REPLAY_SAMPLES", "TrainResult", "train"]
 
 _log = get_logger(__name__)
-MODEL_FORMAT = "neuroscale-sano-model"
-MODEL_FORMAT_VERSION = 1
 _CKPT_FORMAT = "neuroscale-sano-checkpoint"
-LEVELS_P = tuple(round(0.05 * k, 2) for k in range(1, 20))
+REPLAY_SAMPLES = 2048  # training rows kept in the model file for replay
+CALIBRATION_SAMPLES = 1024  # validation rows kept for recalibration
 
 
-# ============================================================================ config
-def _from_mapping(cls: type, d: Mapping[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in [{where}]; known keys: {sorted(known)}")
-    return cls(**d)
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """A dataset to generate (the ``[data.generate]`` table).
-
-    physics: "thermal" | "mechanical"; phases: per phase a dict of law parameters (thermal
-    k0, alpha, beta; mechanical K, G, c1, c2), default thermal k0 = 1 | 10, mechanical
-    EquiNO; n: cell resolution; members: list of {generator, fixed, ranges, weight} (see
-    :class:`CellMember`); lower/upper: (d,) state domain bounds; n_cells, states_per_cell,
-    solver ("fem"/"spectral"), solver_options, seed; save: optional path to write the
-    generated dataset to.
-    """
-
-    physics: str
-    n: int
-    members: tuple[Any, ...]
-    lower: tuple[float, ...]
-    upper: tuple[float, ...]
-    n_cells: int
-    states_per_cell: int
-    phases: tuple[Any, ...] = ()
-    solver: str = "fem"
-    solver_options: Any = ()
-    seed: int = 0
-    save: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.physics not in ("thermal", "mechanical"):
-            raise ValueError(f"physics={self.physics!r}: choose 'thermal' or 'mechanical'")
-        if not self.members:
-            raise ValueError("[data.generate] needs members = [{generator = ..., ...}]")
-        for name in ("members", "phases", "lower", "upper"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "solver_options", tuple(sorted(dict(self.solver_options).items())))
-
-    def material(self) -> Any:
-        from neuroscale_coupling.materials import (
-            EQUINO_FIBRE,
-            EQUINO_MATRIX,
-            MechanicalMaterial,
-            ThermalMaterial,
-            ThermalPhase,
-        )
-
-        if self.phases:
-            return material_from_dict(
-                {"physics": self.physics, "phases": [dict(p) for p in self.phases]}
-            )
-        if self.physics == "thermal":
-            return ThermalMaterial(phases=(ThermalPhase(1.0), ThermalPhase(10.0)))
-        return MechanicalMaterial(phases=(EQUINO_MATRIX, EQUINO_FIBRE))
-
-    def spec(self) -> DatasetSpec:
-        """The :class:`DatasetSpec` this table describes."""
-        material = self.material()
-        members = tuple(
-            CellMember(
-                m["generator"],
-                fixed=dict(m.get("fixed", {})),
-                ranges={k: tuple(v) for k, v in dict(m.get("ranges", {})).items()},
-                weight=float(m.get("weight", 1.0)),
-            )
-            for m in self.members
-        )
-        return DatasetSpec(
-            material,
-            CellFamily(members, self.n),
-            StateDomain.for_material(material, self.lower, self.upper),
-            n_cells=self.n_cells,
-            states_per_cell=self.states_per_cell,
-            solver=self.solver,
-            solver_options=dict(self.solver_options),
-            seed=self.seed,
-        )
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """``[data]``: exactly one of ``dataset`` (path of a saved Dataset) or ``generate``.
-
-    split: (train, val, test) fractions, split by microstructure with split_seed;
-    wavelet: PyWavelets name for the :class:`WaveletNormalizer` (levels = model.levels).
-    """
-
-    dataset: str | None = None
-    generate: GenerateConfig | None = None
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    split_seed: int = 0
-    wavelet: str = "haar"
-
-    def __post_init__(self) -> None:
-        if (self.dataset is None) == (self.generate is None):
-            raise ValueError(
-                "[data] needs exactly one of dataset = 'path' or a [data.generate] table"
-            )
-        object.__setattr__(self, "split", tuple(float(x) for x in self.split))
-
-
-@dataclass(frozen=True)
-class TrainingOptions:
-    """``[training]``.
-
-    epochs, batch_size, lr (Adam), grad_clip (max global gradient norm, 0 = off);
-    physics_weight λ, kl_weight γ, tangent_weight w_t; adaptive term balancing with
-    adaptive_momentum; physics_fraction: share of each batch that gets an equivariance
-    pair; patience: early-stopping epochs without validation improvement (0 = off);
-    seed; device "cpu" | "cuda" | "auto"; dtype "float32" | "float64"; augment: random
-    D4 transform per sample; calibrate: fit the std scale on the validation split;
-    progress: tqdm bar (rank 0).
-    """
-
-    epochs: int = 50
-    batch_size: int = 64
-    lr: float = 1e-3
-    grad_clip: float = 1.0
-    physics_weight: float = 0.1
-    kl_weight: float = 1.0
-    tangent_weight: float = 1.0
-    adaptive: bool = True
-    adaptive_momentum: float = 0.9
-    physics_fraction: float = 0.25
-    patience: int = 10
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    augment: bool = True
-    calibrate: bool = True
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"training.{name}={getattr(self, name)} must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"training.lr={self.lr} must be > 0")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"training.device={self.device!r}: choose cpu, cuda or auto")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"training.dtype={self.dtype!r}: choose float32 or float64")
-        if not 0 <= self.physics_fraction <= 1:
-            raise ValueError(f"training.physics_fraction={self.physics_fraction} not in [0, 1]")
-        if not 0 <= self.adaptive_momentum < 1:
-            raise ValueError(f"training.adaptive_momentum={self.adaptive_momentum} not in [0,1)")
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("training.device='cuda' but no CUDA device: use 'cpu' or 'auto'")
-        return torch.device(self.device)
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """``[output]``: model file path; checkpoint path (default: model path + '.ckpt')."""
-
-    model: str = "model.pt"
-    checkpoint: str | None = None
-
-    @property
-    def checkpoint_path(self) -> str:
-        return self.checkpoint if self.checkpoint is not None else self.model + ".ckpt"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The whole training configuration. model: SANOConfig fields; ``physics`` and
-    ``image_size`` default to the dataset's."""
-
-    data: DataConfig
-    model: Any = ()
-    training: TrainingOptions = field(default_factory=TrainingOptions)
-    output: OutputConfig = field(default_factory=OutputConfig)
-
-    def __post_init__(self) -> None:
-        model = dict(self.model)
-        known = {f.name for f in fields(SANOConfig)}
-        unknown = sorted(set(model) - known)
-        if unknown:
-            raise ValueError(f"unknown keys {unknown} in [model]; known keys: {sorted(known)}")
-        object.__setattr__(self, "model", tuple(sorted(model.items())))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["model"] = dict(self.model)
-        if self.data.generate is not None:
-            g = d["data"]["generate"]
-            g["solver_options"] = dict(self.data.generate.solver_options)
-        return d
-
-    @classmethod
-    def from_dict(
-        cls, d: Mapping[str, Any], *, base: str | os.PathLike[str] = "."
-    ) -> "TrainConfig":
-        """Build from a nested dict (the TOML tables); relative paths resolve against base."""
-        unknown = sorted(set(d) - {"data", "model", "training", "output"})
-        if unknown:
-            raise ValueError(f"unknown tables {unknown}: use data, model, training, output")
-        if "data" not in d:
-            raise ValueError("the config needs a [data] table")
-        root = Path(base)
-
-        def resolve(p: str | None) -> str | None:
-            return None if p is None else str(root / Path(p).expanduser())
-
-        data = dict(d["data"])
-        if "generate" in data and data["generate"] is not None:
-            gen = dict(data["generate"])
-            if "save" in gen:
-                gen["save"] = resolve(gen["save"])
-            data["generate"] = _from_mapping(GenerateConfig, gen, "data.generate")
-        if data.get("dataset") is not None:
-            data["dataset"] = resolve(data["dataset"])
-        out = dict(d.get("output", {}))
-        for k in ("model", "checkpoint"):
-            if out.get(k) is not None:
-                out[k] = resolve(out[k])
-        return cls(
-            data=_from_mapping(DataConfig, data, "data"),
-            model=dict(d.get("model", {})),
-            training=_from_mapping(TrainingOptions, dict(d.get("training", {})), "training"),
-            output=_from_mapping(OutputConfig, out, "output"),
-        )
-
-
-def load_config(path: str | os.PathLike[str]) -> TrainConfig:
-    """Read a TOML training config; relative paths are relative to the file's folder."""
-    p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{p} is not valid TOML: {exc}") from exc
-    return TrainConfig.from_dict(raw, base=p.parent)
-
-
-# ============================================================================ calibration
-def _z(p: np.ndarray) -> np.ndarray:
-    from scipy.stats import norm
-
-    return norm.ppf((1 + np.asarray(p, dtype=float)) / 2)
-
-
-def coverage(err: np.ndarray, std: np.ndarray, p: float | Sequence[float]) -> np.ndarray:
-    """Empirical coverage of the Gaussian intervals ±z_p·std: share of |err| <= z_p std.
-
-    err, std: same shape (any); p: nominal level(s); returns one value per level."""
-    e = np.abs(np.asarray(err, dtype=float)).ravel()
-    s = np.asarray(std, dtype=float).ravel()
-    z = np.atleast_1d(_z(p))
-    return np.array([(e <= zi * s).mean() for zi in z])
-
-
-def calibration_error(
-    err: np.ndarray, std: np.ndarray, levels: Sequence[float] = LEVELS_P
-) -> float:
-    """mean over nominal levels p of |coverage(p) − p| (DESIGN.md §6)."""
-    return float(np.mean(np.abs(coverage(err, std, levels) - np.asarray(levels))))
-
-
-def fit_std_scale(err: np.ndarray, std: np.ndarray, levels: Sequence[float] = LEVELS_P) -> float:
-    """Scale s minimizing calibration_error(err, s·std): log grid 1e-3…1e3, then refinement.
-
-    Ties are broken by the scale closest (in log) to 1. Raises ValueError without spread."""
-    s = np.asarray(std, dtype=float)
-    if not np.any(s > 0):
-        raise ValueError("the model has no spread (std = 0): train with dropout > 0")
-    grid = np.logspace(-3, 3, 601)
-    for _ in range(2):
-        ce = np.array([calibration_error(err, g * s, levels) for g in grid])
-        best = np.flatnonzero(ce <= ce.min() + 1e-12)
-        g0 = grid[best[np.argmin(np.abs(np.log(grid[best])))]]
-        grid = g0 * np.logspace(-0.02, 0.02, 81)
-    return float(g0)
-
-
-# ============================================================================ model file
-def save_model(
-    path: str | os.PathLike[str],
-    model: SANO,
-    *,
-    domain: StateDomain,
-    wavelet: WaveletNormalizer,
-    normalization: Normalization,
-    material: Any,
-    family: Mapping[str, Any] | None = None,
-    history: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> None:
-    """Write the model file atomically (temp file + os.replace; not collective).
-
-    A dict of tensors and plain types, loadable with ``torch.load(weights_only=True)``:
-    format, format_version, version (package), config (SANOConfig.to_dict()), state_dict
-    (CPU tensors), dtype, domain, wavelet, normalization, material, family, std_scale,
-    history, extra.
-    """
-    import neuroscale_coupling
-    from neuroscale_coupling.surrogate.data import _plain
-
-    payload = {
-        "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
-        "version": neuroscale_coupling.__version__,
-        "config": model.config.to_dict(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "dtype": str(model.state_scale.dtype).removeprefix("torch."),
-        "domain": domain.to_dict(),
-        "wavelet": wavelet.to_dict(),
-        "normalization": normalization.to_dict(),
-        "material": material_to_dict(material),
-        "family": _plain(dict(family)) if family is not None else None,
-        "std_scale": float(model.std_scale),
-        "history": _plain(dict(history or {})),
-        "extra": _plain(dict(extra or {})),
-    }
-    torch_save_atomic(path, payload)
-
-
-def load_model(
-    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
-) -> tuple[SANO, dict[str, Any]]:
-    """Rebuild the model (eval mode, on ``device``) and its metadata from :func:`save_model`.
-
-    metadata: the file's plain entries plus rebuilt objects ``domain_obj`` (StateDomain),
-    ``wavelet_obj`` (WaveletNormalizer), ``normalization_obj`` (Normalization),
-    ``material_obj``."""
-    payload = torch.load(os.fspath(path), weights_only=True, map_location="cpu")
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a NeuroScale model file (no format={MODEL_FORMAT!r})")
-    if payload.get("format_version") != MODEL_FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has model format {payload.get('format_version')}; this library reads "
-            f"{MODEL_FORMAT_VERSION}: retrain or convert the model"
-        )
-    model = SANO(SANOConfig.from_dict(payload["config"])).to(getattr(torch, payload["dtype"]))
-    model.load_state_dict(payload["state_dict"])
-    model.to(device).eval()
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    meta["domain_obj"] = StateDomain.from_dict(payload["domain"])
-    meta["wavelet_obj"] = WaveletNormalizer.from_dict(payload["wavelet"])
-    meta["normalization_obj"] = Normalization.from_dict(payload["normalization"])
-    meta["material_obj"] = material_from_dict(payload["material"])
-    return model, meta
-
-
-def _coeff_tensors(
-    wav: WaveletNormalizer, images: np.ndarray, dtype: torch.dtype, device: torch.device
-) -> list[torch.Tensor]:
-    """Normalized wavelet coefficients as SANO input [approx (B,1,m,m), details (B,3,·,·)…]."""
-    c = wav.transform(images)
-    return [torch.as_tensor(c[0][:, None], dtype=dtype, device=device)] + [
-        torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device) for x in c[1:]
-    ]
-
-
-class Surrogate:
-    """Trained SANO with its normalizers: physical-unit predictions.
-
-    ``Surrogate.load(path)`` or ``Surrogate(model, metadata)`` (from :func:`load_model`).
-    """
-
-    def __init__(self, model: SANO, metadata: Mapping[str, Any]) -> None:
-        self.model = model.eval()
-        self.metadata = dict(metadata)
-        self.wavelet: WaveletNormalizer = self.metadata["wavelet_obj"]
-        self.domain: StateDomain = self.metadata["domain_obj"]
-        self.material = self.metadata["material_obj"]
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str = "cpu") -> "Surrogate":
-        return cls(*load_model(path, device=device))
-
-    def predict(
-        self, images: np.ndarray, states: np.ndarray, *, chunk: int = 4096
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """images (N, n, n) phase ids, states (N, d) physical → response (N, r), tangent
-        (N, r, d), std (N, r) (calibrated), physical units, float64 numpy arrays.
-
-        Each distinct image is encoded once; the decoder runs in chunks of ``chunk``."""
-        im = np.asarray(images)
-        st = np.asarray(states, dtype=float)
-        cfg = self.model.config
-        if (
-            im.ndim != 3
-            or st.ndim != 2
-            or im.shape[0] != st.shape[0]
-            or st.shape[1] != cfg.state_dim
-        ):
-            raise ValueError(
-                f"need images (N, n, n) and states (N, {cfg.state_dim}); got {im.shape}, {st.shape}"
-            )
-        uniq, inv = np.unique(im.reshape(im.shape[0], -1), axis=0, return_inverse=True)
-        uniq = uniq.reshape(-1, *im.shape[1:])
-        inv = inv.reshape(-1)
-        p = self.model.state_scale
-        with torch.no_grad():
-            latent = self.model.encode(_coeff_tensors(self.wavelet, uniq, p.dtype, p.device))
-            outs = []
-            for lo in range(0, st.shape[0], chunk):
-                sl = slice(lo, lo + chunk)
-                pred = self.model.decode(
-                    latent,
-                    torch.as_tensor(st[sl], dtype=p.dtype, device=p.device),
-                    cells=torch.as_tensor(inv[sl], device=p.device),
-                )
-                outs.append([pred.response, pred.tangent, pred.std])
-        return tuple(torch.cat([o[k] for o in outs]).double().cpu().numpy() for k in range(3))  # type: ignore[return-value]
-
-
-# ============================================================================ training
 @dataclass
 class TrainResult:
     """model (eval, calibrated, best validation state), metadata as stored in the model
@@ -556,7 +121,7 @@ class _Split:
         self.images = ds.images
         rots = D4 if augment else D4[:1]
         ims = np.concatenate([transform_image(ds.images, r) for r in rots])  # (8C, n, n)
-        self.coeffs = _coeff_tensors(wav, ims, dtype, device)
+        self.coeffs = wavelet_inputs(wav, ims, dtype, device)
         self.cell = torch.as_tensor(ds.cell_index, device=device)
         self.states = torch.as_tensor(ds.states, dtype=dtype, device=device)
         self.response = torch.as_tensor(ds.response, dtype=dtype, device=device)
@@ -722,9 +287,20 @@ class _Trainer:
         t = float((self._ntan(pred.tangent - sp.tangent) ** 2).mean())
         return {"loss": r + self.opt.tangent_weight * t, "response_mse": r, "tangent_mse": t}
 
+    def learning_rate(self, epoch: int) -> float:
+        """The Adam step size of ``epoch`` (0-based): a function of the epoch alone, so a
+        resumed run continues the same schedule."""
+        opt = self.opt
+        if opt.lr_schedule == "constant":
+            return opt.lr
+        frac = min(epoch / max(opt.epochs - 1, 1), 1.0)
+        return opt.lr_min + 0.5 * (opt.lr - opt.lr_min) * (1.0 + math.cos(math.pi * frac))
+
     def run_epoch(self) -> None:
         opt = self.opt
         e = self.epoch
+        for group in self.optim.param_groups:
+            group["lr"] = self.learning_rate(e)
         if e == 0:
             self.history["initial_val_loss"] = [self.validate()["loss"]]
         torch.manual_seed(opt.seed * 1_000_003 + e + 1)
@@ -816,24 +392,34 @@ class _Trainer:
         self.history = {k: list(v) for k, v in ck["history"].items()}
 
     # -- calibration
+    def fit_family(self) -> None:
+        """Fit the model's latent family statistics on the training cells (with their
+        symmetric images when the split holds them)."""
+        self.model.eval()
+        coeffs = self.train.coeffs
+        rows = coeffs[0].shape[0]
+        with torch.no_grad():
+            latents = torch.cat(
+                [
+                    self.model.encode([c[lo : lo + 512] for c in coeffs])
+                    for lo in range(0, rows, 512)
+                ]
+            )
+        self.model.fit_family(latents)
+
     def val_errors(self) -> tuple[np.ndarray, np.ndarray]:
         """Normalized response errors and raw (unscaled) std on the validation split."""
         sp = self.val
         self.model.eval()
-        old = float(self.model.std_scale)
-        self.model.set_std_scale(1.0)
-        with torch.no_grad():
+        with torch.no_grad(), self.model.raw_std():
             pred = self._predict(sp, sp.cell, sp.states)
-        self.model.set_std_scale(old)
         err = self._nresp(pred.response - sp.response).double().cpu().numpy()
         std = self._nresp(pred.std).double().cpu().numpy()
         return err, std
 
 
 def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
-    from neuroscale_coupling.surrogate.data import _plain
-
-    return _plain(cfg.to_dict())
+    return plain_values(cfg.to_dict())
 
 
 def _load_data(cfg: TrainConfig, comm: MPI.Comm, progress: bool) -> Dataset:
@@ -842,7 +428,14 @@ def _load_data(cfg: TrainConfig, comm: MPI.Comm, progress: bool) -> Dataset:
     gen = cfg.data.generate
     if gen is None:  # pragma: no cover - DataConfig guarantees one of the two
         raise ValueError("[data] needs dataset or generate")
-    data = generate(gen.spec(), comm=comm, progress=progress)
+    spec = gen.spec()
+    if gen.save is not None and os.path.exists(gen.save):
+        saved = Dataset.load(gen.save)
+        if plain_values(saved.spec.to_dict()) == plain_values(spec.to_dict()):
+            _log.info("reusing %s: it holds the dataset that [data.generate] describes", gen.save)
+            return saved
+        _log.info("%s holds a different dataset: regenerating and replacing it", gen.save)
+    data = generate(spec, comm=comm, progress=progress)
     if gen.save is not None:
         if comm.rank == 0:
             data.save(gen.save)
@@ -897,6 +490,7 @@ def train(
             bar.update(1)
     if t.best_state is not None:
         t.model.load_state_dict(t.best_state)
+    t.fit_family()
     final = t.validate()
     metrics: dict[str, float] = {
         "val_loss": final["loss"],
@@ -912,25 +506,32 @@ def train(
             "std scale left at 1; raise model.dropout or model.samples"
         )
     elif std is not None:
-        s = fit_std_scale(err, std)
+        s, c = fit_std_calibration(err, std)
+        calibrated = np.hypot(s * std, c)
         before = coverage(err, std, (0.68, 0.95))
-        after = coverage(err, s * std, (0.68, 0.95))
+        after = coverage(err, calibrated, (0.68, 0.95))
         metrics.update(
             std_scale=s,
+            std_floor=c,
             calibration_error_before=calibration_error(err, std),
-            calibration_error_after=calibration_error(err, s * std),
+            calibration_error_after=calibration_error(err, calibrated),
             coverage68_before=float(before[0]),
             coverage95_before=float(before[1]),
             coverage68_after=float(after[0]),
             coverage95_after=float(after[1]),
         )
         t.model.set_std_scale(s)
+        t.model.set_std_floor(c * np.asarray(t.norm.response_scale, dtype=float))
     t.model.eval()
     hist = {k: list(v) for k, v in t.history.items()}
     extra = {
         "metrics": metrics,
         "train_config": _plain_config(cfg),
         "split_cells": {"train": tr.cell_ids.tolist(), "val": va.cell_ids.tolist()},
+    }
+    reference = {
+        "train": tr.sample_rows(REPLAY_SAMPLES, seed=opt.seed),
+        "val": va.sample_rows(CALIBRATION_SAMPLES, seed=opt.seed),
     }
     if comm.rank == 0:
         save_model(
@@ -943,6 +544,7 @@ def train(
             family=spec.family.to_dict(),
             history=hist,
             extra=extra,
+            reference=reference,
         )
     comm.barrier()
     meta = {
@@ -952,5 +554,6 @@ def train(
         "material_obj": material,
         "std_scale": float(t.model.std_scale),
         "extra": extra,
+        "reference_obj": reference,
     }
     return TrainResult(model=t.model, metadata=meta, history=hist, metrics=metrics)

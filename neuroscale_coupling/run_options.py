@@ -1,0 +1,70 @@
+"""Command-line options shared by the FE² drivers (examples, benchmarks): which closure,
+which model, the fallback tolerance, online enrichment, and the exact-micro reference run.
+"""
+
+import argparse
+from typing import Any
+
+from neuroscale_coupling.models import shipped_model_path
+from neuroscale_coupling.surrogate.data import material_to_dict
+from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions
+from neuroscale_coupling.surrogate.fallback import FallbackPolicy
+from neuroscale_coupling.surrogate.model_file import Surrogate
+
+__all__ = ["add_closure_arguments", "closure_settings", "reference_record"]
+
+
+def add_closure_arguments(
+    parser: argparse.ArgumentParser, *, physics: str, closure: str, reference: bool
+) -> None:
+    """--closure, --model, --std-rel, --enrich, --reference (defaults as given)."""
+    parser.add_argument(
+        "--closure", choices=("surrogate", "exact"), default=closure,
+        help="SANO with fine-solver fallback, or a fine solve at every point "
+        "(default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--model", help=f"SANO model file (default: the shipped {physics} model)")
+    parser.add_argument(
+        "--std-rel", type=float, default=FallbackPolicy.std_rel,
+        help="fallback when ‖std‖ > STD_REL · max(‖response‖, training RMS) (default "
+        "%(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--enrich", action="store_true", help="online enrichment between steps")
+    parser.add_argument(
+        "--reference", action=argparse.BooleanOptionalAction, default=reference,
+        help="with the surrogate closure, also run the exact-micro FE² and compare",
+    )  # fmt: skip
+
+
+def closure_settings(
+    args: argparse.Namespace, physics: str, material: Any
+) -> tuple[Surrogate | None, FallbackPolicy, EnrichmentOptions | None]:
+    """The surrogate (None for --closure exact), fallback policy and enrichment options
+    that the parsed ``args`` ask for; the model's phases must be ``material``'s."""
+    policy = FallbackPolicy(std_rel=args.std_rel)
+    enrichment = EnrichmentOptions() if args.enrich else None
+    if args.closure == "exact":
+        return None, policy, enrichment
+    path = args.model or shipped_model_path(physics)
+    surrogate = Surrogate.load(path)
+    if material_to_dict(surrogate.material) != material_to_dict(material):
+        raise SystemExit(
+            f"the model {path} was trained for {material_to_dict(surrogate.material)}, not "
+            f"{material_to_dict(material)}: train one with examples/train/{physics}.toml"
+        )
+    return surrogate, policy, enrichment
+
+
+def reference_record(
+    summary: dict[str, Any], reference: dict[str, Any], comparison: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``reference`` entry of a surrogate run's summary: the exact-micro run's time and
+    Newton iterations, the speed-up, and the differences from ``compare_runs``."""
+    return {
+        "closure": "exact",
+        "seconds_total": reference["seconds_total"],
+        "seconds_closure": reference["seconds_closure"],
+        "newton_iterations": reference["newton_iterations"],
+        "speedup": reference["seconds_total"] / summary["seconds_total"],
+        **comparison,
+    }

@@ -1,0 +1,260 @@
+"""The surrogate closure: SANO answers where it is sure, the fine solver where it is not.
+
+:class:`SurrogateClosure` keeps the :class:`~neuroscale_coupling.closure.Closure` contract.
+Per step:
+
+1. ``begin_step``: a new decision is due.
+2. first ``evaluate`` of the step: the surrogate predicts at every local point (float64,
+   latents of the local cells cached); :func:`fallback_reasons` marks the points that go to
+   the fine solver (state outside the training domain, cell outside the training family,
+   calibrated std above tolerance). The marked set is fixed for the step's Newton
+   iterations (a closure that changes within a Newton solve loses quadratic convergence),
+   and its work is block-balanced over the ranks (:class:`BlockPlan`): every rank solves
+   about the same number of cells, results return to their owners.
+3. later ``evaluate`` calls: surrogate everywhere, fine solves at the marked points.
+4. ``revise_step`` after the Newton solve converged: the tests are repeated at the
+   converged states; points that now fail join the marked set and the host solves the
+   step again (a load step that leaves the training domain is caught here, since the
+   first iterate still holds the previous step's states).
+5. ``end_step``: the exact results of the step's last evaluation join the enrichment
+   buffer and, with enrichment on, the model is fine-tuned (gradients averaged over
+   ranks) and recalibrated before the next step; the cached latents are recomputed.
+
+Family ratios are computed once, with the model as loaded.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from neuroscale_coupling.closure import FALLBACK_REASONS, Closure, ClosureResult
+from neuroscale_coupling.fine.protocol import FineSolver, broadcast_cells
+from neuroscale_coupling.log import get_logger
+from neuroscale_coupling.parallel import BlockPlan, collective_call, scatter
+from neuroscale_coupling.surrogate.data import material_to_dict
+from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions, OnlineEnrichment
+from neuroscale_coupling.surrogate.fallback import FallbackPolicy, fallback_reasons
+from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
+
+__all__ = ["SurrogateClosure"]
+
+log = get_logger(__name__)
+
+
+class SurrogateClosure(Closure):
+    """Closure answered by a trained SANO model with fine-solver fallback.
+
+    surrogate: the trained model (its material must equal the solver's). solver: fine
+    solver for the fallback points. cells: (n_local, n, n) phase images of this rank's
+    points, n = the model's image size. policy: fallback thresholds. enrichment: options of
+    online enrichment, None = off. The model runs in float64 on the CPU (results do not
+    depend on how points are split over ranks). All calls are collective.
+    """
+
+    def __init__(
+        self,
+        surrogate: Surrogate,
+        solver: FineSolver,
+        cells: np.ndarray,
+        *,
+        comm: MPI.Comm,
+        policy: FallbackPolicy | None = None,
+        enrichment: EnrichmentOptions | None = None,
+    ) -> None:
+        material = surrogate.material
+        cells = np.asarray(cells)
+        if cells.ndim != 3:
+            raise ValueError(f"cells must be a stack (n_local, n, n); got shape {cells.shape}")
+        super().__init__(material, cells.shape[0], comm=comm)
+        if material_to_dict(solver.material) != material_to_dict(material):
+            raise ValueError(
+                f"the fine solver's material {material_to_dict(solver.material)} differs from "
+                f"the model's {material_to_dict(material)}: build the solver with "
+                "surrogate.material"
+            )
+        size = surrogate.model.config.image_size
+
+        def local_cells() -> np.ndarray:
+            if self.n_local == 0:
+                return np.zeros((0, size, size), dtype=np.int8)
+            if cells.shape[1:] != (size, size):
+                raise ValueError(
+                    f"cells have shape {cells.shape[1:]} but the model reads ({size}, {size}) "
+                    "images: generate the cells at the model's resolution"
+                )
+            return broadcast_cells(cells, self.n_local, material.n_phases).astype(np.int8)
+
+        self.cells = collective_call(comm, local_cells, "surrogate closure setup")
+        self.surrogate = surrogate
+        self.model = surrogate.model.to(dtype=torch.float64, device="cpu").eval()
+        self.solver = solver
+        self.policy = FallbackPolicy() if policy is None else policy
+        flat = self.cells.reshape(self.n_local, size * size)
+        uniq, inv = np.unique(flat, axis=0, return_inverse=True)
+        self._unique = uniq.reshape(-1, size, size)
+        self._cell_of_point = inv.reshape(-1)
+        self._latent = self._encode(self._unique)
+        fitted = float(self.model.family_scale) > 0
+        if not fitted and np.isfinite(self.policy.family_threshold):
+            raise ValueError(
+                "the model holds no training-family statistics (SANO.fit_family): retrain "
+                "it with this version, or set FallbackPolicy(family_threshold=math.inf)"
+            )
+        with torch.no_grad():
+            ratio = self.model.family_ratio(self._latent).numpy()
+        self.family_ratio = ratio[self._cell_of_point]
+        norm = surrogate.metadata["normalization_obj"]
+        self._response_rms = np.asarray(norm.response_scale, dtype=float)
+        self.enrichment = (
+            None
+            if enrichment is None
+            else OnlineEnrichment(surrogate, comm=comm, options=enrichment)
+        )
+        self.reason = np.zeros(self.n_local, dtype=np.int8)
+        self.predicted_std = np.zeros((self.n_local, material.response_dim))
+        self._decided = False
+        self._plan = BlockPlan.balanced(comm, 0)
+        self._marked = np.zeros(0, dtype=np.int64)
+        self._n_marked = 0
+        self._work_cells = np.zeros((0, size, size), dtype=np.int64)
+        self._last: tuple[np.ndarray, ClosureResult] | None = None
+        self.enrichment_history: list[dict[str, float]] = []
+
+    @classmethod
+    def from_coordinates(
+        cls,
+        surrogate: Surrogate,
+        solver: FineSolver,
+        coordinates: np.ndarray,
+        cell_of: Callable[[np.ndarray], np.ndarray],
+        *,
+        comm: MPI.Comm,
+        policy: FallbackPolicy | None = None,
+        enrichment: EnrichmentOptions | None = None,
+    ) -> "SurrogateClosure":
+        """Closure whose cells come from ``cell_of(coordinates (n_local, 2)) -> (n_local, n,
+        n)`` (graded materials: the cell varies with the point's position)."""
+        coords = np.asarray(coordinates, dtype=np.float64).reshape(-1, 2)
+        cells = np.asarray(cell_of(coords))
+        return cls(surrogate, solver, cells, comm=comm, policy=policy, enrichment=enrichment)
+
+    # ------------------------------------------------------------------ surrogate
+    def _encode(self, images: np.ndarray) -> torch.Tensor:
+        """Latents (B, L) of images (B, n, n), float64, no grad."""
+        if images.shape[0] == 0:
+            return torch.zeros((0, self.model.config.latent), dtype=torch.float64)
+        with torch.no_grad():
+            coeffs = wavelet_inputs(
+                self.surrogate.wavelet, images, torch.float64, torch.device("cpu")
+            )
+            return self.model.encode(coeffs)
+
+    def _predict(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if states.shape[0] == 0:
+            d, r = self.material.state_dim, self.material.response_dim
+            return np.zeros((0, r)), np.zeros((0, r, d)), np.zeros((0, r))
+        with torch.no_grad():
+            p = self.model.decode(
+                self._latent,
+                torch.from_numpy(states),
+                cells=torch.from_numpy(self._cell_of_point),
+            )
+        return p.response.numpy(), p.tangent.numpy(), p.std.numpy()
+
+    # ------------------------------------------------------------------ decisions
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        self._decided = False
+        self._last = None
+
+    def _reasons(self, states: np.ndarray, response: np.ndarray, std: np.ndarray) -> np.ndarray:
+        return fallback_reasons(
+            self.policy,
+            domain_distance=self.surrogate.domain.distance_outside(states)
+            if states.shape[0]
+            else np.zeros(0),
+            family_ratio=self.family_ratio,
+            response=response,
+            std=std,
+            response_rms=self._response_rms,
+        )
+
+    def _mark(self, reason: np.ndarray) -> None:
+        """Fix the marked set for the step and plan its balanced work (collective)."""
+        self.reason = reason
+        self._marked = np.flatnonzero(reason > 0)
+        self._plan = BlockPlan.balanced(self.comm, self._marked.size)
+        self._work_cells = scatter(
+            self.comm, self._plan, np.ascontiguousarray(self.cells[self._marked], dtype=np.int64)
+        )
+        counts = np.bincount(reason, minlength=len(FALLBACK_REASONS) + 1)[1:]
+        total = self.comm.allreduce(counts)
+        self._n_marked = int(total.sum())
+        self._current().fallbacks = {
+            k: int(c) for k, c in zip(FALLBACK_REASONS, total, strict=True)
+        }
+
+    def point_maps(self) -> dict[str, np.ndarray]:
+        """``fallback``: reason code per point (0 surrogate, k + 1 = FALLBACK_REASONS[k]);
+        ``predicted_std``: ‖calibrated std‖ of the surrogate, also where it fell back."""
+        return {
+            "fallback": self.reason.copy(),
+            "predicted_std": np.linalg.norm(self.predicted_std, axis=1),
+        }
+
+    def revise_step(self) -> bool:
+        """After a converged Newton solve (collective): repeat the fallback tests at the
+        converged states; True (on every rank) when points were added to the marked set,
+        i.e. the step must be solved again."""
+        if self._last is None:
+            return False
+        states, result = self._last
+        new = self._reasons(states, result.response, self.predicted_std)
+        new[self.reason > 0] = self.reason[self.reason > 0]
+        added = self.comm.allreduce(int(np.count_nonzero(new != self.reason)))
+        if added:
+            log.info("step revision: %d more point(s) fall back to the fine solver", added)
+            self._mark(new)
+            self._current().revisions += 1
+        return bool(added)
+
+    # ------------------------------------------------------------------ evaluate
+    def _evaluate(self, states: np.ndarray) -> ClosureResult:
+        t0 = time.perf_counter()
+        response, tangent, std = self._predict(states)
+        stats = self._current()
+        stats.seconds_surrogate += time.perf_counter() - t0
+        self.predicted_std = std
+        stats.max_std = max(stats.max_std, float(np.max(std, initial=0.0)))
+        if not self._decided:
+            self._mark(self._reasons(states, response, std))
+            self._decided = True
+        if self._n_marked:
+            r_ex, t_ex = self._balanced_solve(
+                self.solver, self._plan, self._work_cells, states[self._marked],
+                "fallback points of all ranks in rank order",
+            )  # fmt: skip
+            response[self._marked], tangent[self._marked] = r_ex, t_ex
+        std = std.copy()
+        std[self._marked] = 0.0
+        exact = self.reason > 0
+        result = ClosureResult(response=response, tangent=tangent, std=std, exact=exact)
+        self._last = (states, result)
+        return result
+
+    # ------------------------------------------------------------------ end of step
+    def end_step(self) -> Any:
+        if self.enrichment is not None and self._last is not None:
+            states, result = self._last
+            m = self._marked
+            self.enrichment.add(self.cells[m], states[m], result.response[m], result.tangent[m])
+            info = self.enrichment.update()
+            if info.get("rows", 0):
+                self._latent = self._encode(self._unique)
+                self.enrichment_history.append(info)
+                self._current().enrichment = info
+        return super().end_step()

@@ -1,0 +1,82 @@
+"""When the surrogate closure hands a point to the fine solver (DESIGN.md §7).
+
+Three tests, each with its own documented threshold in :class:`FallbackPolicy`:
+
+* **domain**: the macro state lies outside the box the model was trained on, by more than
+  ``domain_tol`` half-widths (:meth:`StateDomain.distance_outside`);
+* **family**: the point's cell lies outside the training family — the Mahalanobis
+  distance of its latent vector to the training cells' latents, in units of its 99th
+  percentile over the training cells (:meth:`SANO.family_ratio`), exceeds
+  ``family_threshold``. Default 1.25: on the shipped thermal model held-out cells of the
+  family reach at most 1.11, laminates, checkerboards and inclusions beyond the trained
+  volume fractions 1.29 to 2.4 (the shipped mechanical model does not separate them);
+* **uncertainty**: the calibrated standard deviation exceeds ``std_abs`` (response units,
+  largest component) or ‖std‖ exceeds ``std_rel`` × max(‖response‖, ``rel_floor`` × ‖the
+  training RMS of the response‖). The floor keeps the test meaningful where the response
+  is small (a flux near zero far from any load): there an error relative to the local
+  response says nothing about the macro solution. Default: 5 % of the larger of the
+  local response and the training RMS.
+
+A point failing several tests is counted under the first of domain, family, uncertainty.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["FallbackPolicy", "fallback_reasons"]
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    """Thresholds of the three fallback tests (``math.inf`` switches a test off).
+
+    std_abs: largest calibrated std component above which a point falls back (response
+    units). std_rel: ‖std‖ / max(‖response‖, rel_floor · response_rms) above which a point
+    falls back. domain_tol: half-widths a state may lie outside the training box.
+    family_threshold: latent family ratio (:meth:`SANO.family_ratio`) above which a cell
+    is out of family.
+    """
+
+    std_abs: float = math.inf
+    std_rel: float = 0.05
+    rel_floor: float = 1.0
+    domain_tol: float = 0.0
+    family_threshold: float = 1.25
+
+    def __post_init__(self) -> None:
+        for name in ("std_abs", "std_rel", "domain_tol", "family_threshold"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and v >= 0) or math.isnan(v):
+                raise ValueError(f"FallbackPolicy.{name}={v!r} must be a number >= 0 (inf: off)")
+        if not 0 < self.rel_floor < math.inf:
+            raise ValueError(f"FallbackPolicy.rel_floor={self.rel_floor} must be in (0, inf)")
+
+
+def fallback_reasons(
+    policy: FallbackPolicy,
+    *,
+    domain_distance: np.ndarray,
+    family_ratio: np.ndarray,
+    response: np.ndarray,
+    std: np.ndarray,
+    response_rms: Sequence[float] | np.ndarray,
+) -> np.ndarray:
+    """Reason code per point (n,) int8: 0 = surrogate, k + 1 = FALLBACK_REASONS[k].
+
+    domain_distance (n,), family_ratio (n,), response (n, r), std (n, r) calibrated,
+    response_rms (r,) training RMS per component.
+    """
+    n = response.shape[0]
+    floor = policy.rel_floor * float(np.linalg.norm(np.asarray(response_rms, dtype=float)))
+    size = np.maximum(np.linalg.norm(response, axis=1), floor)
+    uncertain = (np.max(std, axis=1, initial=0.0) > policy.std_abs) | (
+        np.linalg.norm(std, axis=1) > policy.std_rel * size
+    )
+    reason = np.zeros(n, dtype=np.int8)
+    for code, mask in ((3, uncertain), (2, family_ratio > policy.family_threshold)):
+        reason[mask] = code
+    reason[domain_distance > policy.domain_tol] = 1
+    return reason

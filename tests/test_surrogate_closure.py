@@ -1,0 +1,190 @@
+"""Surrogate closure: answers equal the surrogate where no test fires and the fine solver
+where one does; the decision is fixed through a step and revised only on request; fallback
+work is balanced over the ranks and gives the same answers on any distribution; the family
+distance is zero for training cells under every symmetry; bad input is refused clearly."""
+
+import math
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+pytest.importorskip("dolfinx_solver")
+
+from conftest import assert_same_on_all_ranks
+from surrogate_cases import tiny_surrogate
+
+from neuroscale_coupling.closure import ExactClosure
+from neuroscale_coupling.fine.fem import FESolver
+from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase
+from neuroscale_coupling.microstructure import checkerboard, laminate
+from neuroscale_coupling.surrogate.closure import SurrogateClosure
+from neuroscale_coupling.surrogate.fallback import FallbackPolicy, fallback_reasons
+from neuroscale_coupling.symmetry import D4, transform_image
+
+OFF = FallbackPolicy(std_rel=math.inf, domain_tol=math.inf, family_threshold=math.inf)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_surrogate(tmp_path_factory.mktemp("sc"))
+
+
+def _points(data, n, seed=0):
+    """n (image, state) pairs: cells of the dataset, fresh states in the domain."""
+    rng = np.random.default_rng(seed)
+    cells = data.images[rng.integers(0, data.n_cells, size=n)].astype(np.int64)
+    states = data.spec.domain.sample(n, seed=seed + 1)
+    return cells, states
+
+
+def _local(comm, rows):
+    """This rank's block of rows (n, …)."""
+    return np.array_split(rows, comm.size)[comm.rank]
+
+
+def test_no_fallback_equals_the_surrogate(tiny, comm):
+    sur, data = tiny
+    cells, states = _points(data, 24)
+    closure = SurrogateClosure(
+        sur, FESolver(sur.material), _local(comm, cells), comm=comm, policy=OFF
+    )
+    res = closure.evaluate(_local(comm, states))
+    q, t, s = sur.predict(_local(comm, cells), _local(comm, states))
+    np.testing.assert_allclose(res.response, q, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(res.tangent, t, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(res.std, s, rtol=1e-12, atol=1e-14)
+    assert not res.exact.any()
+    stats = closure.end_step()
+    assert stats.exact_solves == 0 and stats.fallbacks == dict.fromkeys(stats.fallbacks, 0)
+    assert stats.max_std == pytest.approx(comm.allreduce(float(s.max(initial=0)), op=MPI.MAX))
+
+
+def test_all_fallback_equals_the_exact_closure_on_any_distribution(tiny, comm):
+    """std_abs = 0: every point is solved exactly; the answer equals ExactClosure and the
+    serial (COMM_SELF) run to round-off, whatever the ranks own (rank 0 may own all)."""
+    sur, data = tiny
+    cells, states = _points(data, 10, seed=4)
+    solver = FESolver(sur.material)
+    everything = FallbackPolicy(std_abs=0.0, std_rel=math.inf, family_threshold=math.inf)
+    serial = SurrogateClosure(sur, solver, cells, comm=MPI.COMM_SELF, policy=everything)
+    ref = serial.evaluate(states)
+    exact = ExactClosure(sur.material, solver, cells, comm=MPI.COMM_SELF).evaluate(states)
+    np.testing.assert_allclose(ref.response, exact.response, rtol=1e-12)
+    np.testing.assert_allclose(ref.tangent, exact.tangent, rtol=1e-12, atol=1e-13)
+    assert ref.exact.all() and not ref.std.any()
+    # all points on rank 0, none elsewhere: the fallback work is still split evenly
+    mine = slice(None) if comm.rank == 0 else slice(0, 0)
+    closure = SurrogateClosure(sur, solver, cells[mine], comm=comm, policy=everything)
+    res = closure.evaluate(states[mine])
+    np.testing.assert_allclose(res.response, ref.response[mine], rtol=1e-12)
+    np.testing.assert_allclose(res.tangent, ref.tangent[mine], rtol=1e-12, atol=1e-13)
+    work = comm.allgather(closure._plan.n_work)
+    assert max(work) - min(work) <= 1 and sum(work) == 10
+    stats = closure.end_step()
+    assert stats.fallbacks["uncertainty"] == 10 and stats.exact_solves == 10
+
+
+def test_domain_fallback_marks_exactly_the_points_outside(tiny, comm):
+    sur, data = tiny
+    cells, states = _points(data, 12, seed=7)
+    states[::3, 0] = 2.5  # G1 beyond the box [-2, 2]
+    policy = FallbackPolicy(std_rel=math.inf, family_threshold=math.inf)
+    solver = FESolver(sur.material)
+    closure = SurrogateClosure(sur, solver, _local(comm, cells), comm=comm, policy=policy)
+    res = closure.evaluate(_local(comm, states))
+    outside = _local(comm, np.arange(12) % 3 == 0)
+    np.testing.assert_array_equal(res.exact, outside)
+    ref = solver.solve(_local(comm, cells)[outside], _local(comm, states)[outside])
+    np.testing.assert_allclose(res.response[outside], ref.response, rtol=1e-12)
+    q, _, _ = sur.predict(_local(comm, cells), _local(comm, states))
+    np.testing.assert_allclose(res.response[~outside], q[~outside], rtol=1e-12)
+    assert closure.end_step().fallbacks == {"domain": 4, "family": 0, "uncertainty": 0}
+
+
+def test_decision_is_fixed_in_a_step_and_revised_on_request(tiny, comm):
+    sur, data = tiny
+    cells, states = _points(data, 8, seed=9)
+    policy = FallbackPolicy(std_rel=math.inf, family_threshold=math.inf)
+    closure = SurrogateClosure(
+        sur, FESolver(sur.material), _local(comm, cells), comm=comm, policy=policy
+    )
+    closure.begin_step(0)
+    assert not closure.evaluate(_local(comm, states)).exact.any()
+    moved = states.copy()
+    moved[:, 1] = -3.0  # every state now outside: the step's decision still holds
+    assert not closure.evaluate(_local(comm, moved)).exact.any()
+    assert closure.revise_step() is True  # the converged states are outside: solve again
+    assert closure.evaluate(_local(comm, moved)).exact.all()
+    assert closure.revise_step() is False
+    stats = closure.end_step()
+    assert stats.revisions == 1 and stats.fallbacks["domain"] == 8
+    closure.begin_step(1)  # a new step decides afresh
+    assert not closure.evaluate(_local(comm, states)).exact.any()
+    closure.end_step()
+
+
+def test_family_ratio_marks_foreign_cells_and_inflates_their_std(tiny, comm):
+    """The family ratio is at most 1 for 99 % of the training latents (its unit is their
+    99th percentile); a threshold below the foreign cells' ratios sends exactly those to the
+    fine solver; the predicted std grows with the ratio beyond 1."""
+    sur, data = tiny
+    # the family was fitted on the training cells under the 8 symmetries of the square
+    train = sur.metadata["reference_obj"]["train"].images.astype(np.int64)
+    train_images = np.concatenate([transform_image(train, r) for r in D4])
+    n = train_images.shape[-1]
+    foreign = np.stack([checkerboard(n, 2), laminate(n, 0.5), laminate(n, 0.25)])
+    cells = np.concatenate([train_images, foreign.astype(np.int64)])
+    measure = FallbackPolicy(std_rel=math.inf, family_threshold=1e9)
+    solver = FESolver(sur.material)
+    ratio = SurrogateClosure(sur, solver, cells, comm=MPI.COMM_SELF, policy=measure).family_ratio
+    assert_same_on_all_ranks(comm, ratio)
+    inside = ratio[: train_images.shape[0]]
+    # (fitted on float32 latents, evaluated in float64: agreement to ~1e-4)
+    assert np.mean(inside <= 1 + 1e-3) >= 0.99 - 1.0 / inside.size, inside
+    cut = float(max(inside.max(), 1.0))
+    policy = FallbackPolicy(std_rel=math.inf, family_threshold=cut)
+    states = data.spec.domain.sample(cells.shape[0], seed=3)
+    res = SurrogateClosure(sur, solver, cells, comm=MPI.COMM_SELF, policy=policy).evaluate(states)
+    np.testing.assert_array_equal(res.exact, ratio > cut)
+    assert res.exact[-3:].sum() >= 2, ratio[-3:]  # laminates and checkerboard are foreign
+    # the std's family term: √(calibrated² + (gain · (ρ − 1)₊ · ‖Q‖)²)
+    _, _, std = sur.predict(cells, states)
+    with_family = np.linalg.norm(std, axis=1)
+    sur.model.family_gain.zero_()
+    try:
+        _, _, base = sur.predict(cells, states)
+    finally:
+        sur.model.family_gain.fill_(1.0)
+    q, _, _ = sur.predict(cells, states)
+    excess = np.maximum(ratio - 1, 0) * np.linalg.norm(q, axis=1)
+    np.testing.assert_allclose(
+        with_family**2, np.linalg.norm(base, axis=1) ** 2 + 2 * excess**2, rtol=1e-5, atol=1e-12
+    )
+
+
+def test_fallback_reasons_priority_and_relative_tolerance():
+    reason = fallback_reasons(
+        FallbackPolicy(std_rel=0.1, rel_floor=0.5, family_threshold=1.0),
+        domain_distance=np.array([0.0, 0.2, 0.0, 0.0, 0.0]),
+        family_ratio=np.array([0.5, 2.0, 2.0, 0.5, 0.5]),
+        response=np.array([[10.0, 0], [1, 0], [1, 0], [10.0, 0], [0.0, 0]]),
+        std=np.array([[0.5, 0], [0, 0], [0, 0], [1.5, 0], [0.4, 0]]),
+        response_rms=[1.0, 0.0],
+    )
+    # std 0.5 < 0.1·10; domain beats family; family; 1.5 > 0.1·10; floor 0.5: 0.4 > 0.05
+    np.testing.assert_array_equal(reason, [0, 1, 2, 3, 3])
+
+
+def test_bad_input_is_refused(tiny, comm):
+    sur, data = tiny
+    cells, _ = _points(data, 2)
+    other = FESolver(ThermalMaterial(phases=(ThermalPhase(1.0), ThermalPhase(5.0))))
+    with pytest.raises(ValueError, match="differs from the model"):
+        SurrogateClosure(sur, other, cells, comm=MPI.COMM_SELF, policy=OFF)
+    with pytest.raises(ValueError, match=r"reads \(8, 8\) images"):
+        SurrogateClosure(
+            sur, FESolver(sur.material), np.zeros((2, 16, 16), int), comm=MPI.COMM_SELF, policy=OFF
+        )
+    with pytest.raises(ValueError, match="std_rel"):
+        FallbackPolicy(std_rel=-1.0)
