@@ -125,9 +125,10 @@ def test_decision_is_fixed_in_a_step_and_revised_on_request(tiny, comm):
 
 
 def test_family_ratio_marks_foreign_cells_and_inflates_their_std(tiny, comm):
-    """The family ratio is at most 1 for 99 % of the training latents (its unit is their
-    99th percentile); a threshold below the foreign cells' ratios sends exactly those to the
-    fine solver; the predicted std grows with the ratio beyond 1."""
+    """The family ratio is at most 1 for 99 % of the training cells (its unit is the 99th
+    percentile of their leave-one-out distances); a threshold below the foreign cells'
+    ratios sends exactly those to the fine solver; the predicted std grows with the ratio
+    beyond 1."""
     sur, data = tiny
     # the family was fitted on the training cells under the 8 symmetries of the square
     train = sur.metadata["reference_obj"]["train"].images.astype(np.int64)
@@ -142,12 +143,14 @@ def test_family_ratio_marks_foreign_cells_and_inflates_their_std(tiny, comm):
     inside = ratio[: train_images.shape[0]]
     # (fitted on float32 latents, evaluated in float64: agreement to ~1e-4)
     assert np.mean(inside <= 1 + 1e-3) >= 0.99 - 1.0 / inside.size, inside
-    cut = float(max(inside.max(), 1.0))
+    # (a family of a few 8×8 disks has a wide leave-one-out unit: foreign cells lie beyond
+    # every training cell, not necessarily beyond 1)
+    cut = float(inside.max())
     policy = FallbackPolicy(std_rel=math.inf, family_threshold=cut)
     states = data.spec.domain.sample(cells.shape[0], seed=3)
     res = SurrogateClosure(sur, solver, cells, comm=MPI.COMM_SELF, policy=policy).evaluate(states)
     np.testing.assert_array_equal(res.exact, ratio > cut)
-    assert res.exact[-3:].sum() >= 2, ratio[-3:]  # laminates and checkerboard are foreign
+    assert res.exact[-3:].all(), (ratio[-3:], cut)  # laminates and checkerboard are foreign
     # the std's family term: √(calibrated² + (gain · (ρ − 1)₊ · ‖Q‖)²)
     _, _, std = sur.predict(cells, states)
     with_family = np.linalg.norm(std, axis=1)

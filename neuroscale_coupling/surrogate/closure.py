@@ -104,9 +104,8 @@ class SurrogateClosure(Closure):
                 "the model holds no training-family statistics (SANO.fit_family): retrain "
                 "it with this version, or set FallbackPolicy(family_threshold=math.inf)"
             )
-        with torch.no_grad():
-            ratio = self.model.family_ratio(self._latent).numpy()
-        self.family_ratio = ratio[self._cell_of_point]
+        self._family = surrogate.family_ratio(self._unique, self._latent)
+        self.family_ratio = self._family[self._cell_of_point]
         norm = surrogate.metadata["normalization_obj"]
         self._response_rms = np.asarray(norm.response_scale, dtype=float)
         self.enrichment = (
@@ -162,6 +161,7 @@ class SurrogateClosure(Closure):
                 self._latent,
                 torch.from_numpy(states),
                 cells=torch.from_numpy(self._cell_of_point),
+                family=torch.from_numpy(self._family),
             )
         return p.response.numpy(), p.tangent.numpy(), p.std.numpy()
 

@@ -4,12 +4,14 @@ Three tests, each with its own documented threshold in :class:`FallbackPolicy`:
 
 * **domain**: the macro state lies outside the box the model was trained on, by more than
   ``domain_tol`` half-widths (:meth:`StateDomain.distance_outside`);
-* **family**: the point's cell lies outside the training family — the Mahalanobis
-  distance of its latent vector to the training cells' latents, in units of its 99th
-  percentile over the training cells (:meth:`SANO.family_ratio`), exceeds
-  ``family_threshold``. Default 1.25: on the shipped thermal model held-out cells of the
-  family reach at most 1.11, laminates, checkerboards and inclusions beyond the trained
-  volume fractions 1.29 to 2.4 (the shipped mechanical model does not separate them);
+* **family**: the point's cell lies outside the training family — its family ratio
+  (:meth:`Surrogate.family_ratio`: the larger of the latent Mahalanobis distance and the
+  two-point-correlation distance of :mod:`~neuroscale_coupling.surrogate.family`, each in
+  units of the 99th percentile of its leave-one-out value over the training cells)
+  exceeds ``family_threshold``. Default 1.25: held-out cells of the shipped models'
+  families reach at most 1.06 (thermal) and 0.87 (mechanical); laminates, inclusions
+  beyond the trained volume fractions and random disks 1.31–6.5 (mechanical) and
+  1.7–2.2 (thermal; a checkerboard 1.19, caught by the uncertainty test);
 * **uncertainty**: the calibrated standard deviation exceeds ``std_abs`` (response units,
   largest component) or ‖std‖ exceeds ``std_rel`` × max(‖response‖, ``rel_floor`` × ‖the
   training RMS of the response‖). The floor keeps the test meaningful where the response
@@ -36,8 +38,8 @@ class FallbackPolicy:
     std_abs: largest calibrated std component above which a point falls back (response
     units). std_rel: ‖std‖ / max(‖response‖, rel_floor · response_rms) above which a point
     falls back. domain_tol: half-widths a state may lie outside the training box.
-    family_threshold: latent family ratio (:meth:`SANO.family_ratio`) above which a cell
-    is out of family.
+    family_threshold: family ratio (:meth:`Surrogate.family_ratio`) above which a cell is
+    out of family.
     """
 
     std_abs: float = math.inf

@@ -28,6 +28,7 @@ from neuroscale_coupling.surrogate.data import (
     material_to_dict,
     plain_values,
 )
+from neuroscale_coupling.surrogate.family import ImageFamily
 from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
 
 __all__ = [
@@ -141,10 +142,30 @@ class Surrogate:
         self.wavelet: WaveletNormalizer = self.metadata["wavelet_obj"]
         self.domain: StateDomain = self.metadata["domain_obj"]
         self.material = self.metadata["material_obj"]
+        train = self.metadata.get("reference_obj", {}).get("train")
+        self.image_family = (
+            None if train is None else ImageFamily(train.images, self.material.n_phases)
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str = "cpu") -> "Surrogate":
         return cls(*load_model(path, device=device))
+
+    def family_ratio(self, images: np.ndarray, latent: torch.Tensor | None = None) -> np.ndarray:
+        """Family ratio (N,) of images (N, n, n): the larger of the latent Mahalanobis ratio
+        (:meth:`SANO.family_ratio`) and the image two-point-correlation ratio
+        (:class:`ImageFamily`, when the model file holds its training cells). About 1 or
+        below inside the training family. ``latent`` (N, L): the images' latents, if known."""
+        im = np.asarray(images)
+        if latent is None:
+            p = self.model.state_scale
+            with torch.no_grad():
+                latent = self.model.encode(wavelet_inputs(self.wavelet, im, p.dtype, p.device))
+        with torch.no_grad():
+            ratio = self.model.family_ratio(latent).double().cpu().numpy()
+        if self.image_family is not None:
+            ratio = np.maximum(ratio, self.image_family.ratio(im))
+        return ratio
 
     def predict(
         self, images: np.ndarray, states: np.ndarray, *, chunk: int = 4096
@@ -171,6 +192,7 @@ class Surrogate:
         p = self.model.state_scale
         with torch.no_grad():
             latent = self.model.encode(wavelet_inputs(self.wavelet, uniq, p.dtype, p.device))
+            family = torch.as_tensor(self.family_ratio(uniq, latent), dtype=p.dtype)
             outs = []
             for lo in range(0, st.shape[0], chunk):
                 sl = slice(lo, lo + chunk)
@@ -178,6 +200,7 @@ class Surrogate:
                     latent,
                     torch.as_tensor(st[sl], dtype=p.dtype, device=p.device),
                     cells=torch.as_tensor(inv[sl], device=p.device),
+                    family=family,
                 )
                 outs.append([pred.response, pred.tangent, pred.std])
         return tuple(torch.cat([o[k] for o in outs]).double().cpu().numpy() for k in range(3))  # type: ignore[return-value]
