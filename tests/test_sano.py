@@ -147,6 +147,7 @@ def test_tangent_is_central_difference_of_mean_response(physics, zero_mode, opti
         seed=5,
         linear_term=options,
         fraction_input=options,
+        quartic_term=options and physics == "thermal",
     )
     set_units(model, physics)
     latent = model.encode(wavelet(images(2), torch.float64))
@@ -195,12 +196,18 @@ def test_fixed_masks_deterministic_and_spread(physics):
     assert torch.all(a.std > 0)
     model.set_std_scale(2.5)
     torch.testing.assert_close(model(c, s).std, 2.5 * a.std)
-    # Masks change only through reset_masks; the same seed restores them.
+    # Masks change only through reset_masks; the same seed restores them. They set the
+    # spread; the mean is their exact expectation (unmasked output weights), which the
+    # masks do not change.
     model.reset_masks(123)
     other = model(c, s)
-    assert not torch.equal(other.response, a.response)
+    assert not torch.equal(other.std, a.std)
+    torch.testing.assert_close(other.response, a.response, rtol=1e-6, atol=1e-7)
     model.reset_masks(0)
-    torch.testing.assert_close(model(c, s).response, a.response, rtol=0, atol=0)
+    torch.testing.assert_close(model(c, s).std, 2.5 * a.std)
+    model.masks.enabled = False  # one all-ones mask: the unmasked network
+    torch.testing.assert_close(model(c, s).response, a.response, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model(c, s).tangent, a.tangent, rtol=1e-6, atol=1e-7)
     # p = 0: no spread.
     plain = make(physics, dropout=0.0)
     assert torch.all(plain(c, s).std == 0)
@@ -405,17 +412,24 @@ def test_linear_term_is_positive_definite_and_derives_from_an_energy(physics):
     """The linear term's matrix is symmetric positive definite (mechanical: after the
     tensor-shear weight D = diag(1, 1, 2), Σ = D⁻¹ A E); the tangent checks above cover the
     whole response, this one the matrix alone."""
-    model = make(physics, dtype=torch.float64, seed=2, linear_term=True, fraction_input=True)
+    thermal = physics == "thermal"
+    model = make(physics, dtype=torch.float64, seed=2, linear_term=True, quartic_term=thermal)
     set_units(model, physics)
     latent = model.encode(wavelet(images(3), torch.float64))
-    if physics == "thermal":
+    if thermal:  # A of ½ GᵀAG and B of ¼ (GᵀBG)², with their θ-derivatives
         s = states(physics, 3, dtype=torch.float64)
-        a, da = model.decoder.linear_matrix(model._normalize(s)[0], latent)
-        torch.testing.assert_close(da, da.transpose(1, 2), rtol=0, atol=1e-14)
+        mats = model.decoder.poly_matrices(model._normalize(s)[0], latent)
+        assert len(mats) == 2
+        for _, d in mats:
+            torch.testing.assert_close(d, d.transpose(1, 2), rtol=0, atol=1e-14)
+        matrices = [m for m, _ in mats]
     else:
-        a = model.decoder.linear_matrix(latent) * torch.tensor([1.0, 1.0, 2.0])[:, None]
-    torch.testing.assert_close(a, a.transpose(1, 2), rtol=0, atol=1e-14)
-    assert torch.linalg.eigvalsh(a).min() > 0
+        matrices = [model.decoder.linear_matrix(latent) * torch.tensor([1.0, 1.0, 2.0])[:, None]]
+    for a in matrices:
+        torch.testing.assert_close(a, a.transpose(1, 2), rtol=0, atol=1e-14)
+        assert torch.linalg.eigvalsh(a).min() > 0
+    with pytest.raises(ValueError, match="quartic_term"):
+        tiny("mechanical", quartic_term=True)
 
 
 def test_options_off_by_default_and_without_parameters():
@@ -424,9 +438,24 @@ def test_options_off_by_default_and_without_parameters():
     one latent component fewer."""
     cfg = tiny("thermal")
     assert not cfg.fraction_input and not cfg.linear_term and cfg.learned_latent == cfg.latent
-    assert not any(k.startswith(("decoder.lin", "decoder.lin_ctx")) for k in SANO(cfg).state_dict())
+    assert not any(k.startswith("decoder.lin") for k in SANO(cfg).state_dict())
     on = tiny("thermal", fraction_input=True, linear_term=True)
     assert on.learned_latent == on.latent - 1
     assert SANO(on).encoder.head.out_features == on.latent - 1
     with pytest.raises(ValueError, match="latent=1"):
         tiny("thermal", latent=1, fraction_input=True)
+
+
+@pytest.mark.parametrize("zero_mode", ["odd", "shift"])
+def test_stress_jacobian_fast_path_matches_autodiff(zero_mode):
+    """The batched forward-propagated Jacobian of the stress decoder equals torch.func's
+    jacfwd of the single-point reference :meth:`StressDecoder.hidden`."""
+    model = make("mechanical", dtype=torch.float64, zero_mode=zero_mode, seed=4, decoder_layers=3)
+    z = model.encode(wavelet(images(4), torch.float64))
+    e = states("mechanical", 4, dtype=torch.float64) / 0.05
+    dec = model.decoder
+    k, jac = dec.hidden_and_jacobian(e, z)
+    for i in range(4):
+        torch.testing.assert_close(k[i], dec.hidden(e[i], z[i]), rtol=1e-12, atol=1e-14)
+        ref = torch.func.jacfwd(lambda x, zi=z[i]: dec.hidden(x, zi))(e[i])
+        torch.testing.assert_close(jac[i], ref, rtol=1e-10, atol=1e-13)
