@@ -17,7 +17,8 @@ __all__ = ["add_closure_arguments", "closure_settings", "reference_record"]
 def add_closure_arguments(
     parser: argparse.ArgumentParser, *, physics: str, closure: str, reference: bool
 ) -> None:
-    """--closure, --model, --std-rel, --enrich, --reference (defaults as given)."""
+    """--closure, --model, --std-rel, --domain-tol, --enrich, --reference (defaults as
+    given)."""
     parser.add_argument(
         "--closure", choices=("surrogate", "exact"), default=closure,
         help="SANO with fine-solver fallback, or a fine solve at every point "
@@ -28,6 +29,11 @@ def add_closure_arguments(
         "--std-rel", type=float, default=FallbackPolicy.std_rel,
         help="fallback when ‖std‖ > STD_REL · max(‖response‖, training RMS) (default "
         "%(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--domain-tol", type=float, default=FallbackPolicy.domain_tol,
+        help="half-widths a state may lie outside the training box before it falls back "
+        "(default %(default)s)",
     )  # fmt: skip
     parser.add_argument("--enrich", action="store_true", help="online enrichment between steps")
     parser.add_argument(
@@ -41,7 +47,7 @@ def closure_settings(
 ) -> tuple[Surrogate | None, FallbackPolicy, EnrichmentOptions | None]:
     """The surrogate (None for --closure exact), fallback policy and enrichment options
     that the parsed ``args`` ask for; the model's phases must be ``material``'s."""
-    policy = FallbackPolicy(std_rel=args.std_rel)
+    policy = FallbackPolicy(std_rel=args.std_rel, domain_tol=args.domain_tol)
     enrichment = EnrichmentOptions() if args.enrich else None
     if args.closure == "exact":
         return None, policy, enrichment
