@@ -313,3 +313,21 @@ def test_state_response_normalization_inverse(dataset):
     expect = dataset.tangent[:, :, j] * hw / np.asarray(norm.response_scale)
     np.testing.assert_allclose(tn[:, :, j], expect, rtol=1e-14)
     assert Normalization.from_dict(norm.to_dict()) == norm
+
+
+def test_inner_states_log_uniform_down_to_the_smallest_scale():
+    """inner_scale_min spreads the inner states over every order of magnitude between the
+    two scales; without it the inner box has the single scale (older specs load as such)."""
+    spec = DatasetSpec(THERMAL, FAMILY, DOMAIN, n_cells=50, states_per_cell=40, inner_fraction=0.5)
+    assert spec.inner_scale_min == spec.inner_scale
+    old = {k: v for k, v in spec.to_dict().items() if k != "inner_scale_min"}
+    assert DatasetSpec.from_dict(old) == spec
+    wide = DatasetSpec.from_dict({**spec.to_dict(), "inner_scale_min": 0.001})
+    assert DatasetSpec.from_dict(wide.to_dict()) == wide
+    # largest |G_i| of each state over the box half-width 2
+    load = np.abs(wide.sample_states(np.random.SeedSequence(3))[:, :2]).max(1) / 2.0
+    assert load.min() < 0.003 and np.mean(load < 0.01) > 0.1
+    narrow = np.abs(spec.sample_states(np.random.SeedSequence(3))[:, :2]).max(1) / 2.0
+    assert np.mean(narrow < 0.01) < 0.02
+    with pytest.raises(ValueError, match="inner_scale_min"):
+        DatasetSpec(THERMAL, FAMILY, DOMAIN, n_cells=2, states_per_cell=1, inner_scale_min=0.5)

@@ -52,8 +52,8 @@ class GenerateConfig:
     k0, alpha, beta; mechanical K, G, c1, c2), default thermal k0 = 1 | 10, mechanical
     EquiNO; n: cell resolution; members: list of {generator, fixed, ranges, weight} (see
     :class:`CellMember`); lower/upper: (d,) state domain bounds; n_cells, states_per_cell,
-    solver ("fem"/"spectral"), solver_options, seed, inner_fraction, inner_scale (see
-    :class:`DatasetSpec`); save: optional path to write the
+    solver ("fem"/"spectral"), solver_options, seed, inner_fraction, inner_scale,
+    inner_scale_min (see :class:`DatasetSpec`); save: optional path to write the
     generated dataset to (a later run reuses that file when it holds the same dataset).
     """
 
@@ -70,6 +70,7 @@ class GenerateConfig:
     seed: int = 0
     inner_fraction: float = 0.0
     inner_scale: float = 0.25
+    inner_scale_min: float | None = None
     save: str | None = None
 
     def __post_init__(self) -> None:
@@ -121,6 +122,7 @@ class GenerateConfig:
             seed=self.seed,
             inner_fraction=self.inner_fraction,
             inner_scale=self.inner_scale,
+            inner_scale_min=self.inner_scale_min,
         )
 
 

@@ -399,7 +399,12 @@ class DatasetSpec:
     ``inner_fraction`` of the states comes from the box shrunk by ``inner_scale`` about its
     centre in the gradient/strain components (θ keeps its full range): a Sobol sequence over
     the box puts few samples at small loads, where responses are small and a fit measured
-    in absolute terms is loose; these samples make it tight there too.
+    in absolute terms is loose; these samples make it tight there too. inner_scale_min
+    (default: inner_scale): each inner sample gets its own shrink factor, log-uniform in
+    [inner_scale_min, inner_scale], so that every order of magnitude of the load down to
+    inner_scale_min is sampled alike (a law that is stiffest at zero strain, the EquiNO
+    matrix, needs its tangent there: without it the mechanical model was 2.5 % off on Σ at
+    |E| ≤ 1e-3 against 0.3 % at 0.04; with inner_scale_min = 0.005, 0.55 % and 0.4 %).
     """
 
     material: ThermalMaterial | MechanicalMaterial
@@ -412,12 +417,20 @@ class DatasetSpec:
     seed: int = 0
     inner_fraction: float = 0.0
     inner_scale: float = 0.25
+    inner_scale_min: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.inner_fraction <= 1:
             raise ValueError(f"inner_fraction={self.inner_fraction} must lie in [0, 1]")
         if not 0 < self.inner_scale <= 1:
             raise ValueError(f"inner_scale={self.inner_scale} must lie in (0, 1]")
+        if self.inner_scale_min is None:
+            object.__setattr__(self, "inner_scale_min", self.inner_scale)
+        if not 0 < self.inner_scale_min <= self.inner_scale:  # type: ignore[operator]
+            raise ValueError(
+                f"inner_scale_min={self.inner_scale_min} must lie in (0, inner_scale="
+                f"{self.inner_scale}]"
+            )
         if not isinstance(self.material, ThermalMaterial | MechanicalMaterial):
             raise TypeError(
                 f"material must be a ThermalMaterial or MechanicalMaterial; got "
@@ -458,7 +471,12 @@ class DatasetSpec:
         inner = self.domain.sample(n_inner, inner_seed)
         loads = np.array([name != "theta" for name in self.domain.names])
         c = self.domain.center
-        inner[:, loads] = c[loads] + self.inner_scale * (inner[:, loads] - c[loads])
+        shrink: float | np.ndarray = self.inner_scale
+        if self.inner_scale_min != self.inner_scale:
+            lo, hi = np.log(self.inner_scale_min), np.log(self.inner_scale)  # type: ignore[arg-type]
+            u = np.random.default_rng(inner_seed.spawn(1)[0]).random((n_inner, 1))
+            shrink = np.exp(lo + (hi - lo) * u)
+        inner[:, loads] = c[loads] + shrink * (inner[:, loads] - c[loads])
         states = np.concatenate([outer, inner])
         return states[np.random.default_rng(order_seed).permutation(n)]
 
@@ -485,6 +503,7 @@ class DatasetSpec:
             "seed": self.seed,
             "inner_fraction": self.inner_fraction,
             "inner_scale": self.inner_scale,
+            "inner_scale_min": self.inner_scale_min,
         }
 
     @classmethod
@@ -500,6 +519,7 @@ class DatasetSpec:
             seed=int(d["seed"]),
             inner_fraction=float(d.get("inner_fraction", 0.0)),
             inner_scale=float(d.get("inner_scale", 0.25)),
+            inner_scale_min=d.get("inner_scale_min"),
         )
 
 

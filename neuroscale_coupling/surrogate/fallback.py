@@ -9,7 +9,7 @@ Three tests, each with its own documented threshold in :class:`FallbackPolicy`:
   two-point-correlation distance of :mod:`~neuroscale_coupling.surrogate.family`, each in
   units of the 99th percentile of its leave-one-out value over the training cells)
   exceeds ``family_threshold``. Default 1.25: held-out cells of the shipped models'
-  families reach at most 1.06 (thermal) and 0.86 (mechanical); laminates, checkerboards
+  families reach at most 1.06 (thermal) and 0.90 (mechanical); laminates, checkerboards
   and inclusions beyond the trained volume fractions 1.31–2.02 (thermal) and 1.31–6.45
   (mechanical);
 * **uncertainty**: the calibrated standard deviation exceeds ``std_abs`` (response units,
