@@ -3,7 +3,8 @@
 For both physics, in one run: the decode cost per point at N macro states with the latent
 cached (one cell), the encode cost per cell, and the seconds of one fine FE solve
 (FESolver, Q1, response + consistent tangent) of the same cell at n² voxels; prints the
-ratio FE / surrogate. Untrained default-config models (timing only). Usage::
+ratio FE / surrogate. The shipped models' architectures (their recorded configurations,
+at the benchmark's image size; fresh weights, since only the timing matters). Usage::
 
     .venv/bin/python benchmarks/surrogate_speed.py [--points 10000] [--n 64] [--threads 1]
 """
@@ -19,6 +20,7 @@ import torch
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase, equino_material
 from neuroscale_coupling.microstructure import random_inclusions
+from neuroscale_coupling.models import shipped_model_path
 from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
 
 CASES = {
@@ -65,7 +67,8 @@ def main() -> None:
     cell = random_inclusions(args.n, 0.35, n_inclusions=4, seed=0)
     for physics, (material, state) in CASES.items():
         torch.manual_seed(0)
-        cfg = SANOConfig(physics=physics, image_size=args.n)
+        shipped = torch.load(shipped_model_path(physics), weights_only=True)["config"]
+        cfg = SANOConfig.from_dict({**shipped, "image_size": args.n})
         model = SANO(cfg).eval()
         states = state * (1 + 0.2 * rng.standard_normal((args.points, 3)))
         s = torch.tensor(states, dtype=torch.float32)
