@@ -459,3 +459,29 @@ def test_stress_jacobian_fast_path_matches_autodiff(zero_mode):
         torch.testing.assert_close(k[i], dec.hidden(e[i], z[i]), rtol=1e-12, atol=1e-14)
         ref = torch.func.jacfwd(lambda x, zi=z[i]: dec.hidden(x, zi))(e[i])
         torch.testing.assert_close(jac[i], ref, rtol=1e-10, atol=1e-13)
+
+
+def test_family_unit_is_the_leave_one_out_quantile():
+    """fit_family's unit equals the quantile of brute-force leave-one-out Mahalanobis
+    distances (each distinct latent against the mean and ridged covariance of the rows that
+    are not its copies); mean and precision weigh every row."""
+    model = make("thermal", dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(30, model.config.latent, generator=gen, dtype=torch.float64)
+    z = torch.cat([z, z[:5], z[:2]])  # copies: a cell drawn more than once
+    model.fit_family(z, quantile=0.9)
+    dim = z.shape[1]
+    cov = torch.cov(z.T)
+    ridge = 1e-3 * float(cov.diagonal().mean()) + 1e-12
+    eye = torch.eye(dim, dtype=z.dtype)
+    torch.testing.assert_close(model.family_mean, z.mean(0))
+    torch.testing.assert_close(model.family_precision, torch.linalg.inv(cov + ridge * eye))
+    dist = []
+    for u in torch.unique(z, dim=0):
+        rest = z[~(z == u).all(1)]
+        diff = u - rest.mean(0)
+        dist.append(float(diff @ torch.linalg.solve(torch.cov(rest.T) + ridge * eye, diff)) ** 0.5)
+    expect = float(torch.quantile(torch.tensor(dist, dtype=torch.float64), 0.9))
+    assert float(model.family_scale) == pytest.approx(expect, rel=1e-10)
+    with pytest.raises(ValueError, match="3 distinct"):
+        model.fit_family(torch.cat([z[:2], z[:2]]))
