@@ -4,8 +4,11 @@ The same FE² problem solved twice in one run — with the exact-micro closure (
 quadrature point a fine FE cell solve) and with the shipped SANO model plus fallback —
 for the thermal plate (``examples/fe2_thermal.py``) and Cook's membrane
 (``examples/fe2_mechanical.py``). Prints both wall times, their ratio, the fallback
-fraction and the relative L2 differences of the macro field (last step) and of the
-homogenized response at the quadrature points (last step)::
+fraction and the relative L2 differences of the macro field (last step, and the worst
+step) and of the homogenized response at the quadrature points (last step). Each time is
+the set-up of the problem (closure: cell latents and family ratios, or the fine solvers)
+plus the run of its steps, fields and summaries written; the point maps drawn after the
+run are not counted (the exact-micro run has none)::
 
     .venv/bin/python benchmarks/fe2_speedup.py [--thermal-macro 8] [--mechanical-macro 8]
     .venv/bin/mpiexec -n 2 .venv/bin/python benchmarks/fe2_speedup.py
@@ -57,12 +60,13 @@ def main():
         return
     print(f"ranks {comm.size}; enrichment {'on' if args.enrich else 'off'}; runs in {folder}")
     print(f"{'problem':>11} {'points':>7} {'exact s':>9} {'surrogate s':>12} {'ratio':>7} "
-          f"{'fallback':>9} {'field L2':>9} {'resp. L2':>9}")  # fmt: skip
+          f"{'fallback':>9} {'field L2':>9} {'worst step':>10} {'resp. L2':>9}")  # fmt: skip
     for name, s in runs.items():
         ref = s["reference"]
-        print(f"{name:>11} {s['points']:>7} {ref['seconds_total']:>9.2f} "
-              f"{s['seconds_total']:>12.2f} {ref['speedup']:>7.1f} "
-              f"{s['fallback_fraction']:>9.4f} {ref['field_relative_l2'][-1]:>9.2e} "
+        field = ref["field_relative_l2"]
+        print(f"{name:>11} {s['points']:>7} {ref['seconds_setup'] + ref['seconds_total']:>9.2f} "
+              f"{s['seconds_setup'] + s['seconds_total']:>12.2f} {ref['speedup']:>7.1f} "
+              f"{s['fallback_fraction']:>9.4f} {field[-1]:>9.2e} {max(field):>10.2e} "
               f"{ref['response_relative_l2']:>9.2e}")  # fmt: skip
 
 

@@ -60,7 +60,7 @@ import ufl
 from dolfinx import fem, mesh
 
 from neuroscale_coupling.closure import Closure, ExactClosure
-from neuroscale_coupling.comparison import compare_runs, format_summary
+from neuroscale_coupling.comparison import format_summary
 from neuroscale_coupling.coupling import TwoScaleDriver
 from neuroscale_coupling.dns import MechanicalDNS
 from neuroscale_coupling.fine import make_solver
@@ -71,7 +71,7 @@ from neuroscale_coupling.microstructure import centre_and_corner_fibres
 from neuroscale_coupling.run_options import (
     add_closure_arguments,
     closure_settings,
-    reference_record,
+    solve_and_compare,
 )
 from neuroscale_coupling.surrogate.closure import SurrogateClosure
 from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions
@@ -306,20 +306,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "macro": args.macro, "cell_n": args.cell_n, "solver": args.solver,
         "traction": args.traction,
     }  # fmt: skip
-    problem = build(
-        comm, **options, surrogate=sur, policy=policy, enrichment=enrichment,
-    )  # fmt: skip
     loads = np.linspace(1.0 / args.steps, 1.0, args.steps)
-    summary, history = run(problem, loads, args.output, not args.quiet, vars(args))
-    if sur is not None and args.reference:
-        reference = build(comm, **options)
-        ref_summary, ref_history = run(
-            reference, loads, str(Path(args.output) / "reference"), not args.quiet,
-            {**vars(args), "closure": "exact"},
-        )  # fmt: skip
-        summary["reference"] = reference_record(
-            summary, ref_summary, compare_runs(problem, history, reference, ref_history)
-        )
+    problem, summary, history, ref_summary = solve_and_compare(
+        comm, build, run, loads, args, options, surrogate=sur, policy=policy,
+        enrichment=enrichment,
+    )  # fmt: skip
+    if ref_summary is not None:
         summary["reference"]["corner_deflection"] = [
             s["corner_deflection"] for s in ref_summary["steps"]
         ]

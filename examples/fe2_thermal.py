@@ -43,7 +43,7 @@ import ufl
 from dolfinx import fem, mesh
 
 from neuroscale_coupling.closure import Closure, ExactClosure
-from neuroscale_coupling.comparison import compare_runs, format_summary
+from neuroscale_coupling.comparison import format_summary
 from neuroscale_coupling.coupling import TwoScaleDriver
 from neuroscale_coupling.dns import ThermalDNS
 from neuroscale_coupling.fine import make_solver
@@ -54,7 +54,7 @@ from neuroscale_coupling.microstructure import circular_inclusion
 from neuroscale_coupling.run_options import (
     add_closure_arguments,
     closure_settings,
-    reference_record,
+    solve_and_compare,
 )
 from neuroscale_coupling.surrogate.closure import SurrogateClosure
 from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions
@@ -222,18 +222,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.cell_n is None:
         args.cell_n = sur.model.config.image_size if sur is not None else 16
     options = {"macro": args.macro, "cell_n": args.cell_n, "solver": args.solver, "hot": args.hot}
-    problem = build(comm, **options, surrogate=sur, policy=policy, enrichment=enrichment)
     times = args.dt * np.arange(1, args.steps + 1)
-    summary, history = run(problem, times, args.output, not args.quiet, vars(args))
-    if sur is not None and args.reference:
-        reference = build(comm, **options)
-        ref_summary, ref_history = run(
-            reference, times, str(Path(args.output) / "reference"), not args.quiet,
-            {**vars(args), "closure": "exact"},
-        )  # fmt: skip
-        summary["reference"] = reference_record(
-            summary, ref_summary, compare_runs(problem, history, reference, ref_history)
-        )
+    problem, summary, history, _ = solve_and_compare(
+        comm, build, run, times, args, options, surrogate=sur, policy=policy,
+        enrichment=enrichment,
+    )  # fmt: skip
     if args.dns:
         summary["dns_comparison"] = [
             compare_with_dns(comm, history, problem.V, args.dt, inv_eps, args.cell_n, args.hot)

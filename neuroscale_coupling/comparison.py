@@ -61,6 +61,7 @@ def compare_runs(
 def format_summary(summary: Mapping[str, Any], title: str) -> str:
     """A few terminal lines from a :class:`TwoScaleDriver` summary (with an optional
     ``reference`` entry from :func:`compare_runs` and the reference's time)."""
+    other = summary["seconds_total"] - summary["seconds_closure"] - summary["seconds_host"]
     lines = [
         f"{title}: {summary['points']} quadrature points on {summary['ranks']} rank(s), "
         f"closure {summary.get('closure', '?')}",
@@ -70,14 +71,16 @@ def format_summary(summary: Mapping[str, Any], title: str) -> str:
         f"max predicted std {summary['max_std']:.3g}",
         f"  time {summary['seconds_total']:.2f} s = closure {summary['seconds_closure']:.2f} s "
         f"(surrogate {summary['seconds_surrogate']:.2f} s, fine solves "
-        f"{summary['seconds_fine']:.2f} s) + host {summary['seconds_host']:.2f} s",
+        f"{summary['seconds_fine']:.2f} s) + host {summary['seconds_host']:.2f} s + output "
+        f"{other:.2f} s; set-up {summary.get('seconds_setup', 0.0):.2f} s",
     ]
     ref = summary.get("reference")
     if ref:
         fields = ", ".join(f"{e:.2e}" for e in ref["field_relative_l2"])
         lines += [
-            f"  exact-micro reference: {ref['seconds_total']:.2f} s, speed-up "
-            f"{ref['speedup']:.1f}x",
+            f"  exact-micro reference: {ref['seconds_total']:.2f} s (set-up "
+            f"{ref.get('seconds_setup', 0.0):.2f} s), speed-up {ref['speedup']:.1f}x "
+            "(set-up + run time)",
             f"  relative L2 difference of the macro field per step: {fields}",
             "  relative L2 difference of the homogenized response at the last step: "
             f"{ref['response_relative_l2']:.2e}",

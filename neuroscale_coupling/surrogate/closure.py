@@ -4,7 +4,9 @@
 Per step:
 
 1. ``begin_step``: a new decision is due.
-2. first ``evaluate`` of the step: the surrogate predicts at every local point (float64,
+2. first ``evaluate`` of the step — at the field the step starts from (the DOLFINx host
+   starts Newton from the previous step's field and imposes changed Dirichlet values
+   through the first update): the surrogate predicts at every local point (float64,
    latents of the local cells cached); :func:`fallback_reasons` marks the points that go to
    the fine solver (state outside the training domain, cell outside the training family,
    calibrated std above tolerance). The marked set is fixed for the step's Newton
