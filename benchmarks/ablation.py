@@ -2,7 +2,8 @@
 
 Variants (decoders identical, see ``neuroscale_coupling.surrogate.sano`` module doc):
 
-* ``sano``: wavelet tokens + scale-adaptive attention (the default model);
+* ``sano``: wavelet tokens + scale-adaptive attention (the shipped thermal model's
+  ``[model]`` table in examples/train/thermal.toml);
 * ``no-attention``: wavelet tokens mean-pooled directly;
 * ``cnn``: plain periodic CNN on the image (exact Haar synthesis of the coefficients);
 * ``descriptors``: MLP on the volume fraction (cell mean of the approximation band).
@@ -21,6 +22,7 @@ import argparse
 import math
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import dolfinx_solver  # noqa: F401  (must precede dolfinx/petsc4py)
@@ -45,6 +47,9 @@ VARIANTS = {
     "descriptors": {"encoder": "descriptors"},
 }
 SPLIT = (0.7, 0.15, 0.15)
+# the [model] table of the shipped thermal model: every variant differs from it only in
+# its encoder (decoder terms, width, dropout and samples as shipped)
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "train" / "thermal.toml"
 
 
 def generate_config(n: int, cells: int, states: int, seed: int) -> GenerateConfig:
@@ -110,17 +115,8 @@ def main() -> None:
         f"test split: {test.n_cells} cells, {len(test)} samples; budget: {args.epochs} "
         f"epochs, batch {args.batch}, lr {args.lr}, seed {args.seed} (no early stopping)"
     )
-    model = {
-        "levels": args.levels,
-        "tokens_side": 4,
-        "d_model": 64,
-        "heads": 4,
-        "layers": 2,
-        "latent": 32,
-        "hidden": 64,
-        "dropout": 0.1,
-        "samples": 16,
-    }
+    with open(SHIPPED_CONFIG, "rb") as f:
+        model = {**tomllib.load(f)["model"], "levels": args.levels}
     options = TrainingOptions(
         epochs=args.epochs,
         batch_size=args.batch,
