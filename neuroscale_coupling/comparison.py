@@ -71,8 +71,8 @@ def format_summary(summary: Mapping[str, Any], title: str) -> str:
         f"max predicted std {summary['max_std']:.3g}",
         f"  time {summary['seconds_total']:.2f} s = closure {summary['seconds_closure']:.2f} s "
         f"(surrogate {summary['seconds_surrogate']:.2f} s, fine solves "
-        f"{summary['seconds_fine']:.2f} s) + host {summary['seconds_host']:.2f} s + output "
-        f"{other:.2f} s; set-up {summary.get('seconds_setup', 0.0):.2f} s",
+        f"{summary['seconds_fine']:.2f} s) + host {summary['seconds_host']:.2f} s + other "
+        f"(fields, summaries) {other:.2f} s; set-up {summary.get('seconds_setup', 0.0):.2f} s",
     ]
     ref = summary.get("reference")
     if ref:
