@@ -7,6 +7,7 @@ import pytest
 import pywt
 import torch
 
+from neuroscale_coupling.surrogate.calibration import LEVELS_P, gaussian_multipliers
 from neuroscale_coupling.surrogate.sano import SANO, SANOConfig, d4_average
 from neuroscale_coupling.symmetry import D4, response_matrix, state_matrix, transform_image
 
@@ -245,11 +246,37 @@ def test_state_dict_round_trip():
     # calibrated std = √((scale · spread)² + floor²); raw_std gives the spread alone
     with model.raw_std():
         spread = model(c, s).std
-    expected = torch.sqrt((1.7 * spread) ** 2 + torch.tensor([0.1, 0.2, 0.3]) ** 2)
+    floor = torch.tensor([0.1, 0.2, 0.3])
+    expected = torch.sqrt((1.7 * spread) ** 2 + floor**2)
     torch.testing.assert_close(model(c, s).std, expected.to(spread.dtype))
     assert float(model.std_scale) == pytest.approx(1.7) and float(
         model.std_floor[2]
     ) == pytest.approx(0.3)
+    # with a cell error head the floor scales with τ(z) = exp(b + W z)
+    gen = torch.Generator().manual_seed(4)
+    w = 0.3 * torch.randn(3, model.config.latent, generator=gen)
+    b = torch.tensor([-1.0, 0.0, 0.5])
+    model.set_cell_error_head(w.numpy(), b.numpy())
+    tau = torch.exp(b + model.encode(c) @ w.T)
+    expected = torch.sqrt((1.7 * spread) ** 2 + (floor * tau) ** 2)
+    torch.testing.assert_close(model(c, s).std, expected.to(spread.dtype), rtol=1e-5, atol=0)
+    table = 1.5 * gaussian_multipliers(LEVELS_P)
+    model.set_interval_multipliers(table)
+    np.testing.assert_allclose(model.interval_multipliers(0.95), 1.5 * 1.959964, rtol=1e-6)
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone(c, s).std, model(c, s).std, rtol=0, atol=0)
+    np.testing.assert_allclose(clone.interval_multipliers(0.5), model.interval_multipliers(0.5))
+    with pytest.raises(ValueError, match="cell error head"):
+        model.set_cell_error_head(w[:, :2].numpy(), b.numpy())
+    # a file written before the head and the table existed: τ = 1, Gaussian intervals
+    old = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k not in ("error_weight", "error_bias", "interval_table")
+    }
+    clone.load_state_dict(old)
+    torch.testing.assert_close(clone(c, s).std, torch.sqrt((1.7 * spread) ** 2 + floor**2))
+    np.testing.assert_allclose(clone.interval_multipliers(0.95), 1.959964, rtol=1e-6)
 
 
 def _check_equivariant(fn, imgs, s, physics, rtol=1e-10):

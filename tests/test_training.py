@@ -19,13 +19,16 @@ from surrogate_cases import GENERATE, TINY_MODEL
 from neuroscale_coupling.cli import main
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.surrogate.calibration import (
+    LEVELS_P,
     calibration_error,
     coverage,
-    fit_std_calibration,
-    fit_std_scale,
+    fit_calibration,
+    fit_cell_error_head,
+    gaussian_multipliers,
+    interval_multipliers,
 )
 from neuroscale_coupling.surrogate.config import TrainConfig
-from neuroscale_coupling.surrogate.data import generate
+from neuroscale_coupling.surrogate.data import generate, split
 from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
 from neuroscale_coupling.surrogate.training import train
 
@@ -92,7 +95,7 @@ def test_seed_reproducible_and_resume_equals_uninterrupted(dataset, tmp_path):
     resumed = train(resumed_cfg, comm=MPI.COMM_SELF, dataset=dataset, resume=True)
     assert len(resumed.history["val_loss"]) == 3
     for k, v in _weights(full.model).items():
-        if k not in ("std_scale", "std_floor"):
+        if k not in ("std_scale", "std_floor", "interval_table", "error_weight", "error_bias"):
             np.testing.assert_array_equal(v, _weights(resumed.model)[k], err_msg=k)
     assert full.history["val_loss"] == resumed.history["val_loss"]
     # a checkpoint of another configuration is refused
@@ -140,28 +143,70 @@ def test_calibration_improves_coverage(trained):
     assert abs(m["coverage68_after"] - 0.68) <= abs(m["coverage68_before"] - 0.68) + 0.02
 
 
-def test_fit_std_scale_recovers_known_scale():
-    rng = np.random.default_rng(0)
-    std = rng.uniform(0.5, 2.0, size=20000)
-    err = 3.0 * std * rng.normal(size=std.size)
-    s = fit_std_scale(err, std)
-    assert s == pytest.approx(3.0, rel=0.03)
-    assert calibration_error(err, s * std) < 0.01
-    np.testing.assert_allclose(coverage(err, s * std, (0.68, 0.95)), (0.68, 0.95), atol=0.01)
-    with pytest.raises(ValueError, match="no spread"):
-        fit_std_scale(err, np.zeros_like(std))
-
-
-def test_fit_std_calibration_recovers_scale_and_floor():
-    """Errors with a spread-proportional part and a constant part: the pair is recovered
-    and the calibration error drops well below what a scale alone reaches."""
+def test_fit_calibration_heavy_tailed_errors():
+    """Errors = τ × Student-t(3) noise (heavy tails) with an uninformative spread: the
+    calibration puts the std on τ, makes it RMS-consistent, and its fitted multipliers
+    cover fresh errors at every level, where Gaussian multipliers cannot."""
     rng = np.random.default_rng(1)
-    std = rng.uniform(0.05, 2.0, size=20000)
-    err = np.hypot(2.0 * std, 0.5) * rng.normal(size=std.size)
-    s, c = fit_std_calibration(err, std)
-    assert s == pytest.approx(2.0, rel=0.1) and c == pytest.approx(0.5, rel=0.2)
-    alone = calibration_error(err, fit_std_scale(err, std) * std)
-    assert calibration_error(err, np.hypot(s * std, c)) < min(0.01, alone / 2), alone
+
+    def draw(n):
+        tau = np.exp(rng.normal(0.0, 0.7, size=(n, 2)))
+        return tau * rng.standard_t(3, size=(n, 2)), rng.uniform(0.5, 1.5, size=(n, 2)), tau
+
+    err, spread, tau = draw(20000)
+    cal = fit_calibration(err, spread, tau)
+    assert cal.mix == pytest.approx(np.pi / 2, abs=0.2)  # τ carries the std
+    std = np.hypot(cal.scale * spread, cal.floor * tau)
+    assert np.mean((err / std) ** 2) == pytest.approx(1.0, rel=1e-9)
+    assert calibration_error(err, std, multipliers=cal.multipliers) < 0.002
+    # Student-t(3) scaled to unit variance: a narrower centre and wider tails than N(0, 1)
+    gauss = gaussian_multipliers(LEVELS_P)
+    assert cal.multipliers[9] < gauss[9] and cal.multipliers[-1] < gauss[-1] * 1.1
+    e2, s2, t2 = draw(20000)
+    std2 = np.hypot(cal.scale * s2, cal.floor * t2)
+    fresh = calibration_error(e2, std2, multipliers=cal.multipliers)
+    assert fresh < 0.01 < calibration_error(e2, std2), fresh
+    np.testing.assert_allclose(
+        coverage(e2, std2, (0.68, 0.95), interval_multipliers((0.68, 0.95), cal.multipliers)),
+        (0.68, 0.95),
+        atol=0.01,
+    )
+    # a spread that does carry the error is kept
+    cal = fit_calibration(spread * rng.normal(size=spread.shape), spread, tau)
+    assert cal.mix < 0.3 and cal.scale == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match="same non-zero size"):
+        fit_calibration(err, spread[:10], tau)
+
+
+def test_fit_cell_error_head_recovers_log_linear_scale():
+    """Per-cell errors of RMS exp(b + w·z) are recovered from 8 states per cell."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(400, 5))
+    w, b = (
+        np.array([[0.5, -0.3, 0.0, 0.2, 0.0], [0.0, 0.4, 0.1, 0.0, -0.2]]),
+        np.array([-3.0, -2.0]),
+    )
+    cells = np.repeat(np.arange(400), 8)
+    err = np.exp(b + z @ w.T)[cells] * rng.choice([-1.0, 1.0], size=(cells.size, 2))
+    weight, bias = fit_cell_error_head(z, err, cells, ridge=1e-6)
+    # exact up to the 1e-3 × RMS offset inside the log
+    np.testing.assert_allclose(weight, w, atol=3e-3)
+    np.testing.assert_allclose(bias, b, atol=3e-3)
+    with pytest.raises(ValueError, match="without rows"):
+        fit_cell_error_head(z, err[:8], cells[:8])
+
+
+def test_interval_multipliers():
+    gauss = gaussian_multipliers((0.5, 0.95))
+    np.testing.assert_allclose(interval_multipliers((0.5, 0.95)), gauss)
+    table = 2.0 * gaussian_multipliers(LEVELS_P)
+    np.testing.assert_allclose(
+        interval_multipliers((0.5, 0.68, 0.99), table), 2 * gaussian_multipliers((0.5, 0.68, 0.99))
+    )
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+        interval_multipliers(1.0)
+    with pytest.raises(ValueError, match="19 values > 0"):
+        interval_multipliers(0.5, table[:5])
 
 
 def test_cli_train_end_to_end(tmp_path, capsys):
@@ -240,3 +285,27 @@ def test_shipped_training_configs_are_valid(name):
     bound = 2.0 if name == "thermal" else 0.04
     assert spec.domain.upper[0] == bound and spec.domain.lower[0] == -bound
     assert spec.material.physics == name and spec.n_samples >= 5000
+
+
+def test_canonical_translation_in_training_and_split(dataset, tmp_path):
+    """With ``canonical_translation`` the model's inputs are the canonical images in
+    training and at inference: the trained model gives a translated cell bitwise the
+    response, tangent and std of the original. The split keeps translated copies of a cell
+    together (they are one microstructure)."""
+    cfg = config(tmp_path, "canon", epochs=2, batch_size=64)
+    cfg = dataclasses.replace(cfg, model={**dict(cfg.model), "canonical_translation": True})
+    res = train(cfg, comm=MPI.COMM_SELF, dataset=dataset)
+    _, meta = load_model(cfg.output.model)
+    assert meta["extra"]["train_config"]["model"]["canonical_translation"] is True
+    sur = Surrogate(res.model, res.metadata)
+    images, states = dataset.sample_images()[:8], dataset.states[:8]
+    a = sur.predict(images, states)
+    b = sur.predict(np.roll(images, (3, 5), axis=(1, 2)), states)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # cell 1 made a translated copy of cell 0: both land in the same split
+    imgs = dataset.images.copy()
+    imgs[1] = np.roll(imgs[0], (2, 1), axis=(0, 1))
+    parts = split(dataclasses.replace(dataset, images=imgs))
+    where = [[k for k, p in enumerate(parts) if c in p.cell_ids] for c in dataset.cell_ids[:2]]
+    assert where[0] == where[1] and len(where[0]) == 1

@@ -150,7 +150,11 @@ class SurrogateClosure(Closure):
             return torch.zeros((0, self.model.config.latent), dtype=torch.float64)
         with torch.no_grad():
             coeffs = wavelet_inputs(
-                self.surrogate.wavelet, images, torch.float64, torch.device("cpu")
+                self.surrogate.wavelet,
+                images,
+                torch.float64,
+                torch.device("cpu"),
+                canonical=self.model.config.canonical_translation,
             )
             return self.model.encode(coeffs)
 

@@ -57,6 +57,7 @@ from neuroscale_coupling.materials import (
 )
 from neuroscale_coupling.microstructure import GENERATORS, make_cell
 from neuroscale_coupling.parallel import collective_call
+from neuroscale_coupling.translation import canonical_translation
 
 __all__ = [
     "CellFamily",
@@ -72,6 +73,7 @@ __all__ = [
     "phase_values",
     "plain_values",
     "split",
+    "translation_groups",
 ]
 
 _log = get_logger(__name__)
@@ -770,6 +772,19 @@ def generate(spec: DatasetSpec, *, comm: MPI.Comm | None = None, progress: bool 
 
 
 # ---------------------------------------------------------------------------- split
+def translation_groups(images: np.ndarray) -> np.ndarray:
+    """Group id (C,) of images (C, n, n): equal up to a periodic translation (equal
+    canonical images, :func:`~neuroscale_coupling.translation.canonical_translation`);
+    ids dense and ordered by the group's smallest distinct image."""
+    c = images.shape[0]
+    raw = np.unique(images.reshape(c, -1), axis=0, return_inverse=True)[1].reshape(-1)
+    canon = canonical_translation(images).reshape(c, -1)
+    cid = np.unique(canon, axis=0, return_inverse=True)[1].reshape(-1)
+    first = np.full(int(cid.max()) + 1 if c else 0, np.iinfo(np.int64).max)
+    np.minimum.at(first, cid, raw)
+    return np.unique(first[cid], return_inverse=True)[1].reshape(-1)
+
+
 def split(
     dataset: Dataset,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
@@ -778,11 +793,14 @@ def split(
 ) -> tuple[Dataset, Dataset, Dataset]:
     """Split into (train, val, test) by microstructure.
 
-    Cells with identical images form one group (a family can draw the same voxel image
-    twice), and whole groups go to one split, so no image of the val or test split occurs
-    in train. Groups are shuffled with ``seed`` and dealt to test, then val, until each
-    holds at least its fraction of the samples; the rest is train. Deterministic (the same
-    on every rank). Raises ValueError when there are fewer groups than non-empty splits.
+    Cells whose images are equal up to a periodic translation form one group (a family can
+    draw the same voxel image twice, and a translated cell is the same material), and whole
+    groups go to one split, so no microstructure of the val or test split occurs in train.
+    Groups are numbered by their smallest distinct image (byte order), so a dataset without
+    translated copies splits as by identical images. Groups are shuffled with ``seed`` and
+    dealt to test, then val, until each holds at least its fraction of the samples; the rest
+    is train. Deterministic (the same on every rank). Raises ValueError when there are fewer
+    groups than non-empty splits.
     """
     f = np.asarray(fractions, dtype=float)
     if f.shape != (3,) or np.any(f < 0) or not np.isclose(f.sum(), 1.0) or f[0] <= 0:
@@ -790,9 +808,7 @@ def split(
             f"fractions={fractions!r}: give three non-negative numbers (train, val, test) "
             "summing to 1 with train > 0"
         )
-    flat = dataset.images.reshape(dataset.n_cells, -1)
-    _, group = np.unique(flat, axis=0, return_inverse=True)
-    group = group.reshape(-1)
+    group = translation_groups(dataset.images)
     n_groups = int(group.max()) + 1 if group.size else 0
     needed = 1 + int(f[1] > 0) + int(f[2] > 0)
     if n_groups < needed:

@@ -41,9 +41,11 @@ over the ranks and, where it differs, rank 0's parameters and moments are broadc
 ranks (a warning is logged and the stats say ``broadcast = 1``).
 
 **Recalibration** (``recalibrate``): as :func:`~neuroscale_coupling.surrogate.training.
-train` does, :func:`~neuroscale_coupling.surrogate.calibration.fit_std_calibration` on
-the normalized response errors and the raw spread (eval mode, fixed masks) over the model
-file's reference "val" set, then ``set_std_scale`` and ``set_std_floor``. Each rank
+train` does, :func:`~neuroscale_coupling.surrogate.calibration.fit_calibration` on the
+normalized response errors, the raw spread (eval mode, fixed masks) and the cell error
+scale τ over the model file's reference "val" set, then ``set_std_scale``,
+``set_std_floor`` and ``set_interval_multipliers`` (the cell error head, fitted on the
+training split, is kept). Each rank
 evaluates a block of the rows; the blocks are gathered in rank order, so every rank fits
 the same calibration.
 
@@ -65,9 +67,9 @@ from mpi4py import MPI
 
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import collective_call
-from neuroscale_coupling.surrogate.calibration import fit_std_calibration
+from neuroscale_coupling.surrogate.calibration import fit_calibration
 from neuroscale_coupling.surrogate.data import Dataset
-from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
+from neuroscale_coupling.surrogate.model_file import Surrogate
 from neuroscale_coupling.surrogate.sano import SANOPrediction
 
 __all__ = ["EnrichmentOptions", "OnlineEnrichment"]
@@ -262,9 +264,7 @@ class OnlineEnrichment:
     def _predict(self, images: np.ndarray, cells: np.ndarray, states: np.ndarray) -> SANOPrediction:
         """Prediction at rows (N,) with images (k, n, n), cells (N,) into them, states (N, d)."""
         p = self.model.state_scale
-        latent = self.model.encode(
-            wavelet_inputs(self.surrogate.wavelet, images, p.dtype, p.device)
-        )
+        latent = self.model.encode(self.surrogate.model_inputs(images))
         return self.model.decode(
             latent, self._tensor(states), cells=torch.as_tensor(cells, device=p.device)
         )
@@ -285,24 +285,29 @@ class OnlineEnrichment:
         states: np.ndarray,
         response: np.ndarray,
         tangent: np.ndarray,
-    ) -> tuple[float, np.ndarray, np.ndarray]:
-        """Eval-mode sum of the row losses, normalized response errors (N, r) and unscaled
-        std (N, r) over rows with images (k, n, n), cell (N,), states, response, tangent."""
+    ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """Eval-mode sum of the row losses, normalized response errors (N, r), unscaled
+        spread (N, r) and cell error scale τ (N, r) over rows with images (k, n, n), cell
+        (N,), states, response, tangent."""
         model = self.model.eval()
-        total, errs, stds = 0.0, [], []
+        total, errs, stds, taus = 0.0, [], [], []
         with torch.no_grad(), model.raw_std():
             for lo in range(0, cell.size, _CHUNK):
                 sl = slice(lo, lo + _CHUNK)
                 used, inv = np.unique(cell[sl], return_inverse=True)
-                pred = self._predict(images[used], inv.reshape(-1), states[sl])
+                inv = inv.reshape(-1)
+                pred = self._predict(images[used], inv, states[sl])
                 total += float(self._row_loss(pred, response[sl], tangent[sl]).sum())
                 rs = self._tensor(self._rscale)
                 errs.append(((pred.response - self._tensor(response[sl])) / rs).double().cpu())
                 stds.append((pred.std / rs).double().cpu())
+                latent = model.encode(self.surrogate.model_inputs(images[used]))
+                taus.append(model.cell_error_scale(latent)[inv].double().cpu())
         r = self._r
-        err = torch.cat(errs).numpy() if errs else np.empty((0, r))
-        std = torch.cat(stds).numpy() if stds else np.empty((0, r))
-        return total, err, std
+        err, std, tau = (
+            torch.cat(x).numpy() if x else np.empty((0, r)) for x in (errs, stds, taus)
+        )
+        return total, err, std, tau
 
     def _buffer_loss(self, rows: int) -> float:
         """Global mean row loss over all buffers (collective)."""
@@ -315,9 +320,10 @@ class OnlineEnrichment:
         )
         return sum(self.comm.allgather(local)) / rows
 
-    def _val_pass(self) -> tuple[float, np.ndarray, np.ndarray]:
-        """Mean row loss, normalized errors and unscaled std over the reference "val" rows,
-        each rank evaluating one block, gathered in rank order (collective)."""
+    def _val_pass(self) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """Mean row loss, normalized errors, unscaled spread and cell error scale τ over the
+        reference "val" rows, each rank evaluating one block, gathered in rank order
+        (collective)."""
         v = self._val
         block = np.array_split(np.arange(len(v)), self.comm.size)[self.comm.rank]
         local = collective_call(
@@ -329,7 +335,7 @@ class OnlineEnrichment:
         )
         parts = self.comm.allgather(local)
         loss = sum(p[0] for p in parts) / len(v)
-        return loss, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+        return loss, *(np.concatenate([p[k] for p in parts]) for k in (1, 2, 3))
 
     def _local_gradient(
         self, buf_rows: np.ndarray, rep_rows: np.ndarray, w_buf: float, w_rep: float
@@ -503,17 +509,12 @@ class OnlineEnrichment:
         broadcast = self._agree()
         self._updates += 1
         loss_after = self._buffer_loss(rows)
-        val_after, err, std = self._val_pass()
-        if opt.recalibrate and self.model.config.dropout > 0:
-            if np.any(std > 0):
-                scale, floor = fit_std_calibration(err, std)
-                self.model.set_std_scale(scale)
-                self.model.set_std_floor(floor * np.asarray(self._rscale, dtype=float))
-            elif rank == 0:
-                _log.warning(
-                    "online enrichment: the fixed MC-dropout masks give no spread on the "
-                    "reference validation rows (std = 0): std scale left unchanged"
-                )
+        val_after, err, std, tau = self._val_pass()
+        if opt.recalibrate:
+            cal = fit_calibration(err, std, tau)
+            self.model.set_std_scale(cal.scale)
+            self.model.set_std_floor(cal.floor * np.asarray(self._rscale, dtype=float))
+            self.model.set_interval_multipliers(cal.multipliers)
         return {
             "rows": float(rows),
             "steps": float(opt.steps),

@@ -10,14 +10,17 @@
 on: the training config recorded in the model file names it (``data.dataset``, or
 ``data.generate`` with its ``save`` file; a generate table without a saved file is
 regenerated, collectively, from its seed). It is re-split with the recorded fractions and
-``split_seed``; the train and val cell ids must equal those recorded in the model file
+``split_seed``; relative data paths resolve against the training config's folder (found
+from the model file's path and the recorded ``output.model``), as ``neuroscale train``
+resolved them. The train and val cell ids must equal those recorded in the model file
 (else the file is not the training dataset: ValueError), and no test cell id may be among
 them. With ``dataset`` (a :class:`Dataset` or the path of a saved one, e.g. written by
 ``generate(spec with another seed).save(path)``) every sample of it is evaluated.
 
-**Leak check.** Every evaluated cell's image is compared with the images of the model's
-recorded train and val cells (rebuilt from the training dataset file, or redrawn from the
-recorded generate table: drawing cells needs no fine solve). A match is refused
+**Leak check.** Every evaluated cell's image is compared, up to periodic translations,
+with the images of the model's recorded train and val cells (rebuilt from the training
+dataset file, or redrawn from the recorded generate table: drawing cells needs no fine
+solve). A match is refused
 (ValueError naming the cells) unless ``allow_overlap``, in which case the cells are listed
 under ``overlap_cell_ids`` and ``held_out = false`` in the metrics. When the training
 images cannot be rebuilt (the file is gone), ``leak_check = "unavailable"`` is recorded
@@ -33,8 +36,10 @@ reference are ``null``):
   component (``rel_l2_response_components`` by response name, ``rel_l2_tangent_components``
   as an (r, d) nested list, rows = responses, columns = states); same for the tangent.
 * ``calibration_error`` = mean over p = 0.05, 0.10, …, 0.95 of |coverage_p − p|, where
-  coverage_p is the share of response errors inside ±z_p·std with the model's
-  (calibrated) std, all components pooled (:func:`calibration.calibration_error`);
+  coverage_p is the share of response errors inside the model's level-p interval ±k_p·std
+  (calibrated std and multipliers, :meth:`SANO.interval_multipliers`; Gaussian z_p for a
+  model without a fitted table), all components pooled
+  (:func:`calibration.calibration_error`);
   ``coverage68``, ``coverage95``; ``calibration_curve`` {nominal, empirical}. ``null``
   when the model has no spread (dropout = 0).
 * ``attention_per_scale``: the mean attention mass per scale (averaged over the distinct
@@ -64,6 +69,7 @@ from neuroscale_coupling.surrogate.calibration import LEVELS_P, calibration_erro
 from neuroscale_coupling.surrogate.config import GenerateConfig
 from neuroscale_coupling.surrogate.data import Dataset, generate, split
 from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
+from neuroscale_coupling.translation import canonical_translation
 
 __all__ = [
     "EvaluationResult",
@@ -161,15 +167,13 @@ def training_images(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | 
 
 
 def overlapping_cells(data: Dataset, images: np.ndarray) -> np.ndarray:
-    """Cell ids of ``data`` whose image equals one of ``images`` (K, n, n) (sorted)."""
+    """Cell ids of ``data`` whose image equals one of ``images`` (K, n, n) up to a periodic
+    translation (the same material; compared as canonical images), sorted."""
     if images.shape[1:] != data.images.shape[1:]:
         return np.zeros(0, dtype=np.int64)
-    seen = {np.ascontiguousarray(im, dtype=np.int8).tobytes() for im in images}
-    hit = [
-        int(c)
-        for c, im in zip(data.cell_ids, data.images, strict=True)
-        if np.ascontiguousarray(im, dtype=np.int8).tobytes() in seen
-    ]
+    seen = {im.astype(np.int8).tobytes() for im in canonical_translation(images)}
+    mine = canonical_translation(data.images).astype(np.int8)
+    hit = [int(c) for c, im in zip(data.cell_ids, mine, strict=True) if im.tobytes() in seen]
     return np.array(sorted(hit), dtype=np.int64)
 
 
@@ -353,10 +357,11 @@ def compute_metrics(
         ),
     }
     if np.any(s > 0):
-        cov = coverage(eq, s, CURVE_P)
-        c2 = coverage(eq, s, (0.68, 0.95))
+        k = surrogate.model.interval_multipliers
+        cov = coverage(eq, s, CURVE_P, k(CURVE_P))
+        c2 = coverage(eq, s, (0.68, 0.95), k((0.68, 0.95)))
         m.update(
-            calibration_error=calibration_error(eq, s, levels),
+            calibration_error=calibration_error(eq, s, levels, k(levels)),
             coverage68=float(c2[0]),
             coverage95=float(c2[1]),
             calibration_curve={"nominal": list(CURVE_P), "empirical": cov.tolist()},
@@ -368,7 +373,13 @@ def compute_metrics(
     p = model.state_scale
     with torch.no_grad():
         mass = model.scale_attention(
-            wavelet_inputs(surrogate.wavelet, data.images, p.dtype, p.device)
+            wavelet_inputs(
+                surrogate.wavelet,
+                data.images,
+                p.dtype,
+                p.device,
+                canonical=model.config.canonical_translation,
+            )
         )
     att = mass.double().cpu().numpy().mean(axis=(0, 1))
     m["scale_names"] = scale_names(meta)
@@ -464,6 +475,33 @@ def _parity(ax: Any, ref: np.ndarray, pred: np.ndarray, std: np.ndarray | None) 
 
 
 # ============================================================================ driver
+def _with_config_paths(meta: Mapping[str, Any], model_path: str | os.PathLike[str]) -> dict:
+    """Metadata whose recorded relative data paths (``data.dataset``, ``data.generate.save``)
+    are resolved against the training config's folder, the folder that the recorded
+    relative ``output.model`` path leads from to the model file (as ``neuroscale train``
+    resolves them). Paths that do not exist there are left as recorded."""
+    extra = dict(meta.get("extra") or {})
+    cfg = extra.get("train_config")
+    out = (cfg or {}).get("output", {}).get("model")
+    if not cfg or not out or os.path.isabs(out):
+        return dict(meta)
+    base = Path(model_path).resolve().parent
+    for _ in Path(out).parent.parts:
+        base = base.parent
+    data = dict(cfg.get("data") or {})
+
+    def resolved(path: Any) -> Any:
+        if path is None or os.path.isabs(path) or not (base / path).exists():
+            return path
+        return str(base / path)
+
+    data["dataset"] = resolved(data.get("dataset"))
+    if data.get("generate"):
+        data["generate"] = {**data["generate"], "save": resolved(data["generate"].get("save"))}
+    extra["train_config"] = {**cfg, "data": data}
+    return {**meta, "extra": extra}
+
+
 def evaluate_model(
     model: str | os.PathLike[str] | Surrogate,
     *,
@@ -479,7 +517,8 @@ def evaluate_model(
     ``dataset`` / ``allow_overlap``."""
     comm = MPI.COMM_WORLD if comm is None else comm
     sur = model if isinstance(model, Surrogate) else Surrogate.load(model, device=device)
-    data, info = held_out_data(sur.metadata, dataset, comm=comm, allow_overlap=allow_overlap)
+    meta = sur.metadata if isinstance(model, Surrogate) else _with_config_paths(sur.metadata, model)
+    data, info = held_out_data(meta, dataset, comm=comm, allow_overlap=allow_overlap)
     metrics, pred = compute_metrics(sur, data)
     metrics = {**info, **metrics}
     if not isinstance(model, Surrogate):

@@ -30,6 +30,7 @@ from neuroscale_coupling.surrogate.data import (
 )
 from neuroscale_coupling.surrogate.family import ImageFamily
 from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
+from neuroscale_coupling.translation import canonical_translation
 
 __all__ = [
     "MODEL_FORMAT",
@@ -121,10 +122,17 @@ def load_model(
 
 
 def wavelet_inputs(
-    wav: WaveletNormalizer, images: np.ndarray, dtype: torch.dtype, device: torch.device
+    wav: WaveletNormalizer,
+    images: np.ndarray,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    canonical: bool = False,
 ) -> list[torch.Tensor]:
-    """Normalized wavelet coefficients as SANO input [approx (B,1,m,m), details (B,3,·,·)…]."""
-    c = wav.transform(images)
+    """Normalized wavelet coefficients as SANO input [approx (B,1,m,m), details (B,3,·,·)…]
+    of images (B, n, n); with ``canonical`` (``SANOConfig.canonical_translation``) of the
+    images rolled to their canonical position (:mod:`neuroscale_coupling.translation`)."""
+    c = wav.transform(canonical_translation(images) if canonical else images)
     return [torch.as_tensor(c[0][:, None], dtype=dtype, device=device)] + [
         torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device) for x in c[1:]
     ]
@@ -151,6 +159,12 @@ class Surrogate:
     def load(cls, path: str | os.PathLike[str], *, device: str = "cpu") -> "Surrogate":
         return cls(*load_model(path, device=device))
 
+    def model_inputs(self, images: np.ndarray) -> list[torch.Tensor]:
+        """The model's input coefficients of images (B, n, n), on its device and dtype."""
+        p = self.model.state_scale
+        canonical = self.model.config.canonical_translation
+        return wavelet_inputs(self.wavelet, images, p.dtype, p.device, canonical=canonical)
+
     def family_ratio(self, images: np.ndarray, latent: torch.Tensor | None = None) -> np.ndarray:
         """Family ratio (N,) of images (N, n, n): the larger of the latent Mahalanobis ratio
         (:meth:`SANO.family_ratio`) and the image two-point-correlation ratio
@@ -158,9 +172,8 @@ class Surrogate:
         below inside the training family. ``latent`` (N, L): the images' latents, if known."""
         im = np.asarray(images)
         if latent is None:
-            p = self.model.state_scale
             with torch.no_grad():
-                latent = self.model.encode(wavelet_inputs(self.wavelet, im, p.dtype, p.device))
+                latent = self.model.encode(self.model_inputs(im))
         with torch.no_grad():
             ratio = self.model.family_ratio(latent).double().cpu().numpy()
         if self.image_family is not None:
@@ -191,7 +204,7 @@ class Surrogate:
         inv = inv.reshape(-1)
         p = self.model.state_scale
         with torch.no_grad():
-            latent = self.model.encode(wavelet_inputs(self.wavelet, uniq, p.dtype, p.device))
+            latent = self.model.encode(self.model_inputs(uniq))
             family = torch.as_tensor(self.family_ratio(uniq, latent), dtype=p.dtype)
             outs = []
             for lo in range(0, st.shape[0], chunk):

@@ -49,17 +49,26 @@ those of the unmasked output weights (the limit M → ∞ of the sample mean; wi
 fixed masks the sample mean itself was 2.8 % off on the thermal test split, the exact
 mean 2.1 %), and the M samples give the spread. In training the mean of M fresh relaxed
 masks is used, an unbiased estimate of it. Returned: mean response, its tangent, and
-per-component calibrated std √((std_scale · spread)² + std_floor² + (family_gain · e ·
-‖response‖)²) — the spread of the M samples scaled, a floor, and a term for cells outside
-the training family: e = max(0, ρ − 1) with ρ the latent Mahalanobis distance of the cell
-to the training cells over the 99th percentile of its leave-one-out value (:meth:`SANO.fit_family`,
-:meth:`SANO.family_ratio`). The dropout spread alone does not see a foreign cell (it
-measures how the last layer varies, not how far the latent lies from what training
-showed); the distance term does. A ratio measured otherwise (``decode(family=…)``: the
-image two-point-correlation ratio of :mod:`neuroscale_coupling.surrogate.family`, which
-:class:`~neuroscale_coupling.surrogate.model_file.Surrogate` passes) replaces ρ where it is
-larger. Buffers default to scale 1, floor 0 and no family (ρ = 0): the raw spread.
-:meth:`SANO.kl` is the concrete-dropout KL term for the loss.
+per-component calibrated std √((std_scale · spread)² + (std_floor · τ(z))² + (family_gain ·
+e · ‖response‖)²). The three terms are:
+- the spread of the M samples, scaled;
+- a cell-level error scale τ(z) = exp(error_bias + error_weight z) from the latent, times
+  a floor. The errors are mostly per cell, and the dropout spread does not see them
+  (:mod:`~neuroscale_coupling.surrogate.calibration`);
+- a term for cells outside the training family: e = max(0, ρ − 1) with ρ the latent
+  Mahalanobis distance of the cell to the training cells over the 99th percentile of its
+  leave-one-out value (:meth:`SANO.fit_family`, :meth:`SANO.family_ratio`). The dropout
+  spread alone does not see a foreign cell (it measures how the last layer varies, not
+  how far the latent lies from what training showed); the distance term does. A ratio
+  measured otherwise (``decode(family=…)``: the image two-point-correlation ratio of
+  :mod:`neuroscale_coupling.surrogate.family`, which
+  :class:`~neuroscale_coupling.surrogate.model_file.Surrogate` passes) replaces ρ where
+  it is larger.
+
+The calibrated central interval of level p is ±k_p·std, k_p from the fitted table
+``interval_table`` (:meth:`SANO.interval_multipliers`; the errors are not Gaussian).
+Buffers default to scale 1, floor 0, τ = 1, Gaussian k_p and no family (ρ = 0): the raw
+spread. :meth:`SANO.kl` is the concrete-dropout KL term for the loss.
 
 Ablation variants (``SANOConfig.encoder`` / ``attention``; the decoders are the same in
 every variant, so a comparison isolates the encoder):
@@ -104,6 +113,11 @@ from torch.func import jacfwd
 
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.attention import ScaleAttentionLayer, periodic_features
+from neuroscale_coupling.surrogate.calibration import (
+    LEVELS_P,
+    gaussian_multipliers,
+    interval_multipliers,
+)
 from neuroscale_coupling.surrogate.uncertainty import MCDropoutMasks
 from neuroscale_coupling.symmetry import D4, response_matrix, state_matrix, transform_image
 
@@ -134,11 +148,15 @@ class SANOConfig:
     approximation coefficients (an affine function of the volume fraction, see module doc)
     instead of a learned one. linear_term: the response gets a term linear in the driving
     variable with a symmetric positive definite matrix of (z, θ); quartic_term (thermal):
-    the potential gets ¼ (Gᵀ B G)² (see module doc). All are off by default (and in model
-    files written before they existed). Measured on the mechanical family (15 epochs, test
-    split): fraction_input and linear_term on, 2.3 % error on Σ against 4.5 % off. On the
-    thermal family a linear term started at A ≈ I/2 stalled training on a linear fit; the
-    thermal terms now start near zero.
+    the potential gets ¼ (Gᵀ B G)² (see module doc). canonical_translation: images are
+    rolled to their canonical position before the wavelet transform, in training and at
+    inference (:mod:`neuroscale_coupling.translation`), so that translated copies of a
+    periodic cell get the same latent (the encoder is not translation-invariant by
+    itself). All are off by default (and in model files written before they existed).
+    Measured on the mechanical family (15 epochs, test split): fraction_input and
+    linear_term on, 2.3 % error on Σ against 4.5 % off. On the thermal family a linear
+    term started at A ≈ I/2 stalled training on a linear fit; the thermal terms now start
+    near zero.
     """
 
     physics: str = "thermal"
@@ -166,14 +184,16 @@ class SANOConfig:
     fraction_input: bool = False
     linear_term: bool = False
     quartic_term: bool = False
+    canonical_translation: bool = False
 
     def __post_init__(self) -> None:
         if self.encoder not in _ENCODERS:
             raise ValueError(
                 f"unknown encoder {self.encoder!r}: choose one of {', '.join(_ENCODERS)}"
             )
-        if not isinstance(self.attention, bool):
-            raise TypeError(f"attention must be True or False; got {self.attention!r}")
+        for name in ("attention", "canonical_translation"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if self.physics not in _DIMS:
             raise ValueError(f"unknown physics {self.physics!r}: choose 'thermal' or 'mechanical'")
         if self.zero_mode not in ("odd", "shift"):
@@ -815,6 +835,13 @@ class SANO(nn.Module):
         ):
             self.register_buffer(name, torch.tensor(value))
         self.register_buffer("std_floor", torch.zeros(config.response_dim))
+        # Cell error scale τ(z) = exp(error_bias + error_weight z) (normalized response units;
+        # zeros: τ = 1) and the interval multipliers k_p at LEVELS_P (default Gaussian z_p).
+        self.register_buffer("error_weight", torch.zeros(config.response_dim, config.latent))
+        self.register_buffer("error_bias", torch.zeros(config.response_dim))
+        self.register_buffer(
+            "interval_table", torch.as_tensor(gaussian_multipliers(LEVELS_P), dtype=torch.float32)
+        )
         # Training-family statistics of the latents (fit_family); scale 0 = not fitted.
         self.register_buffer("family_mean", torch.zeros(config.latent))
         self.register_buffer("family_precision", torch.eye(config.latent))
@@ -851,18 +878,51 @@ class SANO(nn.Module):
             getattr(self, name).fill_(float(v))
 
     def set_std_scale(self, scale: float) -> None:
-        """Calibration factor multiplying the std (fitted on the validation split)."""
-        if not scale > 0:
-            raise ValueError(f"std scale {scale} must be > 0")
+        """Calibration factor s ≥ 0 multiplying the dropout spread (fitted on the
+        validation split)."""
+        if not scale >= 0:
+            raise ValueError(f"std scale {scale} must be >= 0")
         self.std_scale.fill_(float(scale))
 
     def set_std_floor(self, floor: Sequence[float]) -> None:
-        """Calibration floor (r,) ≥ 0 in response units, added in quadrature to the scaled
-        spread (fitted on the validation split)."""
+        """Calibration floor (r,) ≥ 0 in response units: floor·τ(z) is added in quadrature
+        to the scaled spread (fitted on the validation split)."""
         f = torch.as_tensor(floor, dtype=self.std_floor.dtype).reshape(-1)
         if f.shape != self.std_floor.shape or not bool(torch.all(f >= 0)):
             raise ValueError(f"std floor {floor} must hold {self.std_floor.numel()} values >= 0")
         self.std_floor.copy_(f)
+
+    def set_cell_error_head(self, weight: Any, bias: Any) -> None:
+        """Cell error scale τ(z) = exp(bias + weight z): weight (r, latent), bias (r,), in
+        normalized response units (:func:`~neuroscale_coupling.surrogate.calibration.
+        fit_cell_error_head`)."""
+        w = torch.as_tensor(np.asarray(weight, dtype=float), dtype=self.error_weight.dtype)
+        b = torch.as_tensor(np.asarray(bias, dtype=float), dtype=self.error_bias.dtype)
+        if w.shape != self.error_weight.shape or b.shape != self.error_bias.shape:
+            raise ValueError(
+                f"cell error head: weight {tuple(w.shape)} and bias {tuple(b.shape)} must be "
+                f"{tuple(self.error_weight.shape)} and {tuple(self.error_bias.shape)}"
+            )
+        if not bool(torch.isfinite(w).all() and torch.isfinite(b).all()):
+            raise ValueError("cell error head: weight and bias must be finite")
+        self.error_weight.copy_(w)
+        self.error_bias.copy_(b)
+
+    def cell_error_scale(self, latent: torch.Tensor) -> torch.Tensor:
+        """τ (B, r) of latents (B, latent), normalized response units (1 when not fitted)."""
+        z = latent.to(self.error_weight.dtype)
+        return torch.exp(self.error_bias + z @ self.error_weight.T).to(latent.dtype)
+
+    def set_interval_multipliers(self, table: Sequence[float]) -> None:
+        """Multipliers k_p (19,) > 0 at :data:`~neuroscale_coupling.surrogate.calibration.
+        LEVELS_P`: the level-p interval of a response component is ±k_p·std."""
+        interval_multipliers(0.5, table)  # validates
+        self.interval_table.copy_(torch.as_tensor(np.asarray(table, dtype=float)))
+
+    def interval_multipliers(self, p: float | Sequence[float]) -> np.ndarray:
+        """k_p for levels p in (0, 1): the calibrated central interval is ±k_p·std
+        (Gaussian z_p for a model without a fitted table)."""
+        return interval_multipliers(p, self.interval_table.double().cpu().numpy())
 
     @contextmanager
     def raw_std(self, *, family: bool = False) -> Iterator[None]:
@@ -885,11 +945,17 @@ class SANO(nn.Module):
             self.family_gain.copy_(gain)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-        """As torch's, accepting states saved before the calibration floor and the family
-        statistics existed (their defaults: floor 0, no family)."""
+        """As torch's, accepting states saved before the calibration floor, the family
+        statistics, the cell error head and the interval table existed (their defaults:
+        floor 0, no family, τ = 1, Gaussian intervals)."""
         state = dict(state_dict)
         for name in ("std_floor", "family_mean", "family_precision", "family_scale"):
             state.setdefault(name, getattr(self, name).clone())
+        # files without the cell error head and interval table: τ = 1, Gaussian intervals
+        for name in ("error_weight", "error_bias"):
+            state.setdefault(name, torch.zeros_like(getattr(self, name)))
+        gauss = gaussian_multipliers(LEVELS_P)
+        state.setdefault("interval_table", self.interval_table.new_tensor(gauss))
         state.setdefault("family_gain", torch.ones_like(self.family_gain))
         return super().load_state_dict(state, *args, **kwargs)
 
@@ -1077,7 +1143,8 @@ class SANO(nn.Module):
         tangent = rs * tangent * ds  # chain rule through the state normalization
         m = samples.shape[1]
         std = samples.std(1, correction=0) if m > 1 else torch.zeros_like(response)
-        std = torch.sqrt((std * self.std_scale) ** 2 + self.std_floor**2)
+        tau = self.cell_error_scale(latent)
+        std = torch.sqrt((std * self.std_scale) ** 2 + (self.std_floor * tau) ** 2)
         fitted = float(self.family_scale) > 0
         if (fitted or family is not None) and float(self.family_gain) > 0:
             ratio = self.family_ratio(latent)

@@ -44,10 +44,15 @@ atomically after every epoch with the optimizer, running means, best state and h
 retraces the uninterrupted run exactly on the same device.
 
 **Family and calibration.** The latent family statistics (:meth:`SANO.fit_family`) are
-fitted on the training cells' latents. On the validation split (eval mode, the fixed MC masks):
-:func:`~neuroscale_coupling.surrogate.calibration.fit_std_calibration` on the normalized
-response errors and the raw spread gives (s, c); ``set_std_scale(s)`` and
-``set_std_floor(c × per-component response RMS)``.
+fitted on the training cells' latents. On the validation split (eval mode, the fixed MC
+masks): the cell error head τ(z) is fitted on the normalized response errors
+(:func:`~neuroscale_coupling.surrogate.calibration.cross_fit_cell_error`, 5 folds over
+distinct images; none, τ = 1, when the split holds one distinct image), and
+:func:`~neuroscale_coupling.surrogate.calibration.fit_calibration`
+gives the scale s, the floor c and the interval multipliers k_p from the errors, the raw
+spread and the out-of-fold τ: ``set_std_scale(s)``, ``set_std_floor(c × per-component
+response RMS)``, ``set_interval_multipliers(k)``. Calibration needs no dropout: without
+spread, τ carries the std alone.
 
 **MPI.** :func:`train` with a communicator: dataset generation is collective; every rank
 trains the same (deterministic) copy; rank 0 alone writes the checkpoint and model file,
@@ -70,7 +75,8 @@ from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.calibration import (
     calibration_error,
     coverage,
-    fit_std_calibration,
+    cross_fit_cell_error,
+    fit_calibration,
 )
 from neuroscale_coupling.surrogate.config import TrainConfig
 from neuroscale_coupling.surrogate.data import (
@@ -81,6 +87,7 @@ from neuroscale_coupling.surrogate.data import (
     generate,
     plain_values,
     split,
+    translation_groups,
 )
 from neuroscale_coupling.surrogate.model_file import save_model, wavelet_inputs
 from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
@@ -116,12 +123,13 @@ class _Split:
         dtype: torch.dtype,
         device: torch.device,
         augment: bool,
+        canonical: bool,
     ) -> None:
         self.n_cells = ds.n_cells
         self.images = ds.images
         rots = D4 if augment else D4[:1]
         ims = np.concatenate([transform_image(ds.images, r) for r in rots])  # (8C, n, n)
-        self.coeffs = wavelet_inputs(wav, ims, dtype, device)
+        self.coeffs = wavelet_inputs(wav, ims, dtype, device, canonical=canonical)
         self.cell = torch.as_tensor(ds.cell_index, device=device)
         self.states = torch.as_tensor(ds.states, dtype=dtype, device=device)
         self.response = torch.as_tensor(ds.response, dtype=dtype, device=device)
@@ -180,10 +188,10 @@ class _Trainer:
         self.lo = torch.as_tensor(domain.lower, dtype=d, device=t)
         self.hi = torch.as_tensor(domain.upper, dtype=d, device=t)
         self.S, self.Q, self.Sinv = _group_tensors(self.physics, d, t)
-        self.train = _Split(
-            train, self.wav, self.physics, d, t, opt.augment or opt.physics_weight > 0
-        )
-        self.val = _Split(val, self.wav, self.physics, d, t, False)
+        canonical = self.model_config.canonical_translation
+        augment = opt.augment or opt.physics_weight > 0
+        self.train = _Split(train, self.wav, self.physics, d, t, augment, canonical)
+        self.val = _Split(val, self.wav, self.physics, d, t, False, canonical)
         self.ema: dict[str, float] = {}
         self.history: dict[str, list[float]] = {
             k: []
@@ -407,15 +415,67 @@ class _Trainer:
             )
         self.model.fit_family(latents)
 
-    def val_errors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Normalized response errors and raw (unscaled) std on the validation split."""
-        sp = self.val
+    def errors(self, split: _Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Normalized response errors (N, r), raw (unscaled) spread (N, r) and the latents
+        (C, latent) of the split's cells (untransformed), eval mode, in chunks."""
         self.model.eval()
+        rows, chunk = split.n_cells, 512
         with torch.no_grad(), self.model.raw_std():
-            pred = self._predict(sp, sp.cell, sp.states)
-        err = self._nresp(pred.response - sp.response).double().cpu().numpy()
-        std = self._nresp(pred.std).double().cpu().numpy()
-        return err, std
+            latent = torch.cat(
+                [
+                    self.model.encode([c[lo : min(lo + chunk, rows)] for c in split.coeffs])
+                    for lo in range(0, rows, chunk)
+                ]
+            )
+            err, spread = [], []
+            for lo in range(0, split.n, 4096):
+                sl = slice(lo, lo + 4096)
+                pred = self.model.decode(latent, split.states[sl], cells=split.cell[sl])
+                err.append(self._nresp(pred.response - split.response[sl]))
+                spread.append(self._nresp(pred.std))
+        e, sp = (torch.cat(x).double().cpu().numpy() for x in (err, spread))
+        return e, sp, latent.double().cpu().numpy()
+
+    def calibrate(self) -> dict[str, float]:
+        """Fit the cell error head and the calibration (scale, floor, interval multipliers)
+        on the validation split, the head cross-fitted over distinct images; returns the
+        metrics."""
+        model = self.model
+        err, spread, latent = self.errors(self.val)
+        cells = self.val.cell.cpu().numpy()
+        groups = translation_groups(self.val.images)
+        folds = min(5, int(groups.max()) + 1)
+        if folds >= 2:
+            weight, bias, tau = cross_fit_cell_error(latent, err, cells, groups, folds=folds)
+            model.set_cell_error_head(weight, bias)
+            tau = tau[cells]
+        else:
+            _log.warning(
+                "the validation split holds one distinct microstructure: no cell error head "
+                "(τ = 1); generate more cells for a cell-level uncertainty"
+            )
+            tau = np.ones_like(err)
+        before = np.where(spread > 0, spread, np.finfo(float).tiny)
+        cal = fit_calibration(err, spread, tau)
+        calibrated = np.hypot(cal.scale * spread, cal.floor * tau)
+        model.set_std_scale(cal.scale)
+        model.set_std_floor(cal.floor * np.asarray(self.norm.response_scale, dtype=float))
+        model.set_interval_multipliers(cal.multipliers)
+        cov_b = coverage(err, before, (0.68, 0.95))
+        cov_a = coverage(err, calibrated, (0.68, 0.95), model.interval_multipliers((0.68, 0.95)))
+        return {
+            "std_scale": cal.scale,
+            "std_floor": cal.floor,
+            "std_mix": cal.mix,
+            "calibration_error_before": calibration_error(err, before),
+            "calibration_error_after": calibration_error(
+                err, calibrated, multipliers=cal.multipliers
+            ),
+            "coverage68_before": float(cov_b[0]),
+            "coverage95_before": float(cov_b[1]),
+            "coverage68_after": float(cov_a[0]),
+            "coverage95_after": float(cov_a[1]),
+        }
 
 
 def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -498,30 +558,8 @@ def train(
         "val_tangent_mse": final["tangent_mse"],
         "epochs": float(t.epoch),
     }
-    sd = t.model.config.dropout > 0
-    err, std = t.val_errors() if opt.calibrate and sd else (None, None)
-    if std is not None and not np.any(std > 0):
-        _log.warning(
-            "the fixed MC-dropout masks give no spread on the validation split (std = 0): "
-            "std scale left at 1; raise model.dropout or model.samples"
-        )
-    elif std is not None:
-        s, c = fit_std_calibration(err, std)
-        calibrated = np.hypot(s * std, c)
-        before = coverage(err, std, (0.68, 0.95))
-        after = coverage(err, calibrated, (0.68, 0.95))
-        metrics.update(
-            std_scale=s,
-            std_floor=c,
-            calibration_error_before=calibration_error(err, std),
-            calibration_error_after=calibration_error(err, calibrated),
-            coverage68_before=float(before[0]),
-            coverage95_before=float(before[1]),
-            coverage68_after=float(after[0]),
-            coverage95_after=float(after[1]),
-        )
-        t.model.set_std_scale(s)
-        t.model.set_std_floor(c * np.asarray(t.norm.response_scale, dtype=float))
+    if opt.calibrate:
+        metrics.update(t.calibrate())
     t.model.eval()
     hist = {k: list(v) for k, v in t.history.items()}
     extra = {
