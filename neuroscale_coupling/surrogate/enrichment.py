@@ -296,13 +296,14 @@ class OnlineEnrichment:
                 sl = slice(lo, lo + _CHUNK)
                 used, inv = np.unique(cell[sl], return_inverse=True)
                 inv = inv.reshape(-1)
-                pred = self._predict(images[used], inv, states[sl])
+                latent = model.encode(self.surrogate.model_inputs(images[used]))
+                rows = torch.as_tensor(inv, device=latent.device)
+                pred = model.decode(latent, self._tensor(states[sl]), cells=rows)
                 total += float(self._row_loss(pred, response[sl], tangent[sl]).sum())
                 rs = self._tensor(self._rscale)
                 errs.append(((pred.response - self._tensor(response[sl])) / rs).double().cpu())
                 stds.append((pred.std / rs).double().cpu())
-                latent = model.encode(self.surrogate.model_inputs(images[used]))
-                taus.append(model.cell_error_scale(latent)[inv].double().cpu())
+                taus.append(model.cell_error_scale(latent)[rows].double().cpu())
         r = self._r
         err, std, tau = (
             torch.cat(x).numpy() if x else np.empty((0, r)) for x in (errs, stds, taus)
