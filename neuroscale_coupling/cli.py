@@ -247,6 +247,16 @@ def evaluate(args: argparse.Namespace) -> int:
             f"  calibration_error = {_fmt(m['calibration_error'])}, coverage68 = "
             f"{_fmt(m['coverage68'])}, coverage95 = {_fmt(m['coverage95'])}"
         )
+        spread = ", ".join(
+            f"{k} [{_fmt(lo)}, {_fmt(hi)}]" for k, (lo, hi) in m["interval_5_95"].items()
+        )
+        print(f"  5-95 % over {m['n_microstructures']} distinct microstructures: {spread}")
+        for name, g in m["by_generator"].items():
+            print(
+                f"  {name} ({g['n_microstructures']} microstructures, {g['n_samples']} "
+                f"samples): rel_l2_response {_fmt(g['rel_l2_response'])}, rel_l2_tangent "
+                f"{_fmt(g['rel_l2_tangent'])}, calibration_error {_fmt(g['calibration_error'])}"
+            )
         att = ", ".join(
             f"{n} {a:.4f}" for n, a in zip(m["scale_names"], m["attention_per_scale"], strict=True)
         )

@@ -18,7 +18,7 @@ from surrogate_cases import GENERATE, TINY_MODEL
 from neuroscale_coupling.cli import main
 from neuroscale_coupling.surrogate.calibration import gaussian_multipliers
 from neuroscale_coupling.surrogate.config import GenerateConfig, TrainConfig
-from neuroscale_coupling.surrogate.data import generate, split
+from neuroscale_coupling.surrogate.data import generate, split, translation_groups
 from neuroscale_coupling.surrogate.evaluation import (
     _with_config_paths,
     evaluate_model,
@@ -123,6 +123,21 @@ def test_metrics_on_test_split_match_numpy(trained, tmp_path):
     assert 0 <= m["calibration_error"] <= 0.5
     assert m["coverage95"] == pytest.approx(np.mean(np.abs(eq) <= table[-1] * s))
     assert m["std_scale"] == pytest.approx(meta["std_scale"])
+    # spread over the distinct test microstructures, and the per-generator figures
+    group = translation_groups(test.images)[test.cell_index]
+    assert m["n_microstructures"] == np.unique(group).size
+    for key in ("rel_l2_response", "rel_l2_tangent", "calibration_error"):
+        lo, hi = m["interval_5_95"][key]
+        assert lo <= hi
+    lo, hi = m["interval_5_95"]["rel_l2_response"]
+    assert lo <= m["rel_l2_response"] * (1 + 1e-12) and hi >= m["rel_l2_response"] * (1 - 1e-12)
+    gens = np.array([c["generator"] for c in test.cells])[test.cell_index]
+    assert sum(g["n_samples"] for g in m["by_generator"].values()) == len(test)
+    for name, g in m["by_generator"].items():
+        rows = gens == name
+        assert g["rel_l2_response"] == pytest.approx(_rel(eq[rows], test.response[rows]), rel=1e-12)
+        cov_g = np.array([np.mean(np.abs(eq[rows]) <= k * s[rows]) for k in table])
+        assert g["calibration_error"] == pytest.approx(np.mean(np.abs(cov_g - levels)), abs=1e-12)
     # attention per scale: a distribution over approx + 2 detail levels, per layer too
     att = np.asarray(m["attention_per_scale"])
     assert att.shape == (3,) and np.all(att >= 0)

@@ -42,6 +42,12 @@ reference are ``null``):
   (:func:`calibration.calibration_error`);
   ``coverage68``, ``coverage95``; ``calibration_curve`` {nominal, empirical}. ``null``
   when the model has no spread (dropout = 0).
+* ``n_microstructures``: distinct cell images up to periodic translation;
+  ``interval_5_95``: for ``rel_l2_response``, ``rel_l2_tangent`` and
+  ``calibration_error``, the 5 %–95 % range over 2000 bootstrap draws of the
+  microstructures (:mod:`~neuroscale_coupling.surrogate.metric_spread`: the errors are
+  mostly per microstructure, so a split of few distinct images measures them loosely);
+  ``by_generator``: the same figures, and the counts, per generator of the family.
 * ``attention_per_scale``: the mean attention mass per scale (averaged over the distinct
   test images and the encoder layers; sums to 1), names in ``scale_names`` (approx, then
   details from coarsest to finest, with their coefficient size).
@@ -67,7 +73,8 @@ from neuroscale_coupling.io import atomic_write
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.calibration import LEVELS_P, calibration_error, coverage
 from neuroscale_coupling.surrogate.config import GenerateConfig
-from neuroscale_coupling.surrogate.data import Dataset, generate, split
+from neuroscale_coupling.surrogate.data import Dataset, generate, split, translation_groups
+from neuroscale_coupling.surrogate.metric_spread import by_generator, group_bootstrap
 from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
 from neuroscale_coupling.translation import canonical_translation
 
@@ -368,6 +375,17 @@ def compute_metrics(
         )
     else:
         m.update(calibration_error=None, coverage68=None, coverage95=None, calibration_curve=None)
+    # spread of the figures over the held-out microstructures, and per generator
+    group = translation_groups(data.images)[data.cell_index]
+    hits = None
+    if np.any(s > 0):
+        k = surrogate.model.interval_multipliers(levels)
+        hits = np.abs(eq)[None] <= k[:, None, None] * s[None]
+    parts = (eq, yq, et, yt, hits, levels, group)
+    m["n_microstructures"] = int(group.max()) + 1 if group.size else 0
+    m["interval_5_95"] = group_bootstrap(*parts) if group.size else {}
+    names = [str(c.get("generator", "unknown")) for c in data.cells] or ["unknown"] * data.n_cells
+    m["by_generator"] = by_generator(*parts, np.asarray(names, dtype=object)[data.cell_index])
     # attention: once per distinct image of the split
     model = surrogate.model
     p = model.state_scale
