@@ -9,10 +9,14 @@ at the transformed state ``S_R state`` gives ``Q_R response`` and the tangent
 
 import numpy as np
 
+from neuroscale_coupling.translation import canonical_translation
+
 __all__ = [
     "D4",
+    "SYMMETRY_ORDERS",
     "response_matrix",
     "state_matrix",
+    "symmetry_order",
     "transform_image",
     "transform_result",
     "voigt_rotation",
@@ -38,6 +42,29 @@ def transform_image(image: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     si = r[0, 0] * ui + r[1, 0] * uj
     sj = r[0, 1] * ui + r[1, 1] * uj
     return image[..., (si + n - 1) // 2, (sj + n - 1) // 2]
+
+
+#: The possible values of :func:`symmetry_order` (orders of the subgroups of D4).
+SYMMETRY_ORDERS = (1, 2, 4, 8)
+
+
+def symmetry_order(images: np.ndarray) -> np.ndarray:
+    """Number (B,) of the 8 maps of D4 that carry each periodic cell image (B, n, n) onto
+    itself up to a periodic translation: 1 (no symmetry, e.g. random inclusions), 2, 4 or
+    8 (the square's full symmetry: a centred disk, centre + corner fibres).
+
+    The order fixes the form of the effective response: with order 8 the effective
+    conductivity is isotropic and the effective stiffness has cubic symmetry."""
+    im = np.asarray(images)
+    if im.ndim != 3 or im.shape[1] != im.shape[2]:
+        raise ValueError(f"images must have shape (B, n, n); got {im.shape}")
+    b, size = im.shape[0], im.shape[1] * im.shape[2]
+    ref = canonical_translation(im).reshape(b, size)
+    same = [
+        np.all(canonical_translation(transform_image(im, r)).reshape(b, size) == ref, axis=1)
+        for r in D4
+    ]
+    return np.sum(same, axis=0).astype(np.int64)
 
 
 def voigt_rotation(rotation: np.ndarray) -> np.ndarray:

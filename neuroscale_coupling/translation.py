@@ -15,8 +15,10 @@ Under an integer translation t, μ moves by t, so s moves by −t: translated co
 the same image when k = 1 decides. When all modes below k vanish (k > 1, as for the
 n/2-periodic profiles of the centre-and-corner fibres), the roll is known modulo n/k only.
 Of the candidate rolls, the lexicographically largest image is kept; it is the same for
-every translate. Cells centred on the grid centre stay as they are: the project's single
-inclusions and centre-and-corner fibres. Uniform images are not moved. A profile that
+every translate. A profile without a non-vanishing mode (each row of a 2 × 2 checkerboard
+holds the same phase mix) makes every roll along its axis a candidate. Cells centred on
+the grid centre stay as they are: the project's single inclusions and centre-and-corner
+fibres. Uniform images are not moved. A profile that
 happens to have 0 < |F_1| ≤ 1e-6 · F_0 is treated as if F_1 vanished. Its copies still
 agree when shifted by a multiple of n/k. Other shifts of it may canonicalize differently.
 """
@@ -30,7 +32,8 @@ _TOL = 1e-6
 
 def _axis_shifts(profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Integer roll (B,) per profile (B, n) that brings its circular mean to (n − 1)/2, and
-    the mode k (B,) that decided it (the roll is defined modulo n/k)."""
+    the mode k (B,) that decided it (the roll is defined modulo n/k; k = n for a profile
+    without a non-vanishing mode: every roll is a candidate)."""
     b, n = profiles.shape
     f = np.fft.rfft(profiles, axis=1)  # (B, n//2 + 1)
     mass = np.abs(f[:, :1])
@@ -42,7 +45,7 @@ def _axis_shifts(profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu = -phase * n / (2 * np.pi * k)
     r = np.mod((n - 1) / 2 - mu, period)
     s = np.mod(np.floor(r + 0.5), period)
-    return np.where(has, s, 0).astype(np.int64), k
+    return np.where(has, s, 0).astype(np.int64), np.where(has, k, n)
 
 
 def canonical_translation(images: np.ndarray) -> np.ndarray:
@@ -63,7 +66,8 @@ def canonical_translation(images: np.ndarray) -> np.ndarray:
     out = batch[np.arange(batch.shape[0])[:, None, None], rows[:, :, None], cols[:, None, :]]
     # A mode k > 1 fixes the roll modulo n/k only: of the k0·k1 candidate rolls, keep the
     # lexicographically largest image (the same set of candidates for every translate).
-    for b in np.flatnonzero((k0 > 1) | (k1 > 1)):
+    uniform = np.all(batch == batch[:, :1, :1], axis=(1, 2))
+    for b in np.flatnonzero(((k0 > 1) | (k1 > 1)) & ~uniform):
         p0, p1 = n0 // k0[b], n1 // k1[b]
         candidates = [
             np.roll(out[b], (i * p0, j * p1), axis=(0, 1))

@@ -26,6 +26,7 @@ from neuroscale_coupling.surrogate.evaluation import (
 )
 from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
 from neuroscale_coupling.surrogate.training import train
+from neuroscale_coupling.symmetry import symmetry_order
 
 RANK = MPI.COMM_WORLD.rank
 # fresh held-out cells: another generator and seed, same material, resolution and domain
@@ -118,10 +119,15 @@ def test_metrics_on_test_split_match_numpy(trained, tmp_path):
     table = sur.model.interval_table.double().numpy()
     assert table.shape == (19,) and np.all(np.diff(table) >= 0)
     assert not np.allclose(table, gaussian_multipliers(levels))
-    cov = np.array([np.mean(np.abs(eq) <= k * s) for k in table])
+    # each row's multipliers from its cell's symmetry class
+    order = symmetry_order(test.images)[test.cell_index]
+    k_rows = sur.model.interval_multipliers(levels, order)  # (19, N)
+    rows = sur.model.class_interval_table.double().numpy()[np.searchsorted((1, 2, 4, 8), order)]
+    np.testing.assert_allclose(k_rows, rows.T, rtol=1e-12)
+    cov = np.array([np.mean(np.abs(eq) <= k[:, None] * s) for k in k_rows])
     assert m["calibration_error"] == pytest.approx(np.mean(np.abs(cov - levels)), abs=1e-12)
     assert 0 <= m["calibration_error"] <= 0.5
-    assert m["coverage95"] == pytest.approx(np.mean(np.abs(eq) <= table[-1] * s))
+    assert m["coverage95"] == pytest.approx(np.mean(np.abs(eq) <= k_rows[-1][:, None] * s))
     assert m["std_scale"] == pytest.approx(meta["std_scale"])
     # spread over the distinct test microstructures, and the per-generator figures
     group = translation_groups(test.images)[test.cell_index]
@@ -136,7 +142,7 @@ def test_metrics_on_test_split_match_numpy(trained, tmp_path):
     for name, g in m["by_generator"].items():
         rows = gens == name
         assert g["rel_l2_response"] == pytest.approx(_rel(eq[rows], test.response[rows]), rel=1e-12)
-        cov_g = np.array([np.mean(np.abs(eq[rows]) <= k * s[rows]) for k in table])
+        cov_g = np.array([np.mean(np.abs(eq[rows]) <= k[rows, None] * s[rows]) for k in k_rows])
         assert g["calibration_error"] == pytest.approx(np.mean(np.abs(cov_g - levels)), abs=1e-12)
     # attention per scale: a distribution over approx + 2 detail levels, per layer too
     att = np.asarray(m["attention_per_scale"])

@@ -279,6 +279,55 @@ def test_state_dict_round_trip():
     np.testing.assert_allclose(clone.interval_multipliers(0.95), 1.959964, rtol=1e-6)
 
 
+def test_symmetry_class_calibration():
+    """Per symmetry class: the std is multiplied by the class's factor and the interval
+    multipliers come from its row; without the orders the pooled calibration applies."""
+    model = make("mechanical")
+    model.set_std_scale(1.3)
+    pooled = 1.2 * gaussian_multipliers(LEVELS_P)
+    factor = np.array([2.0, 1.0, 1.0, 0.5])
+    table = np.stack([pooled * f for f in (1.5, 1.0, 1.0, 0.8)])
+    model.set_interval_multipliers(pooled, factor, table)
+    c, s = wavelet(images(3)), states("mechanical", 5)
+    latent = model.encode(c)
+    cells = torch.tensor([0, 1, 2, 2, 0])
+    order = np.array([1, 8, 4])
+    base = model.decode(latent, s, cells=cells).std
+    scaled = model.decode(latent, s, cells=cells, symmetry=order).std
+    expected = base * torch.as_tensor(factor[[0, 3, 2]], dtype=base.dtype)[cells][:, None]
+    torch.testing.assert_close(scaled, expected, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(model.class_factor(order), factor[[0, 3, 2]])
+    k = model.interval_multipliers((0.5, 0.95), order)
+    assert k.shape == (2, 3)
+    np.testing.assert_allclose(k[:, 0], 1.5 * model.interval_multipliers((0.5, 0.95)), rtol=1e-6)
+    np.testing.assert_allclose(k[:, 1], 0.8 * model.interval_multipliers((0.5, 0.95)), rtol=1e-6)
+    np.testing.assert_allclose(k[:, 2], model.interval_multipliers((0.5, 0.95)), rtol=1e-6)
+    with model.raw_std():  # the raw spread ignores the classes
+        raw = model.decode(latent, s, cells=cells, symmetry=order).std
+    with model.raw_std():
+        torch.testing.assert_close(raw, model.decode(latent, s, cells=cells).std)
+    # the classes travel with the state dict; an older file gets the pooled calibration
+    clone = make("mechanical", seed=1)
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone.decode(latent, s, cells=cells, symmetry=order).std, scaled)
+    old = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k not in ("class_std_factor", "class_interval_table")
+    }
+    clone.load_state_dict(old)
+    torch.testing.assert_close(clone.decode(latent, s, cells=cells, symmetry=order).std, base)
+    np.testing.assert_allclose(
+        clone.interval_multipliers(0.9, order), np.tile(model.interval_multipliers(0.9), (1, 3))
+    )
+    with pytest.raises(ValueError, match="symmetry orders"):
+        model.decode(latent, s, cells=cells, symmetry=np.array([1, 3, 8]))
+    with pytest.raises(ValueError, match="3 latent rows"):
+        model.decode(latent, s, cells=cells, symmetry=np.array([1, 8]))
+    with pytest.raises(ValueError, match="class factors"):
+        model.set_interval_multipliers(pooled, factor[:3], table)
+
+
 def _check_equivariant(fn, imgs, s, physics, rtol=1e-10):
     base = fn(imgs, s)
     for rot in D4:

@@ -58,6 +58,20 @@ def test_no_fallback_equals_the_surrogate(tiny, comm):
     stats = closure.end_step()
     assert stats.exact_solves == 0 and stats.fallbacks == dict.fromkeys(stats.fallbacks, 0)
     assert stats.max_std == pytest.approx(comm.allreduce(float(s.max(initial=0)), op=MPI.MAX))
+    # per symmetry class std factors reach the closure's std as they reach predict's
+    model = sur.model
+    saved = [b.clone() for b in (model.class_std_factor, model.class_interval_table)]
+    try:
+        table = model.interval_table.double().numpy()
+        model.set_interval_multipliers(table, [3.0, 1.5, 2.0, 0.25])
+        res = closure.evaluate(_local(comm, states))
+        _, _, s2 = sur.predict(_local(comm, cells), _local(comm, states))
+        np.testing.assert_allclose(res.std, s2, rtol=1e-12, atol=1e-14)
+        if s2.size:
+            assert not np.allclose(s2, s)
+    finally:
+        model.class_std_factor.copy_(saved[0])
+        model.class_interval_table.copy_(saved[1])
 
 
 def test_all_fallback_equals_the_exact_closure_on_any_distribution(tiny, comm):

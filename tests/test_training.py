@@ -24,6 +24,7 @@ from neuroscale_coupling.surrogate.calibration import (
     coverage,
     fit_calibration,
     fit_cell_error_head,
+    fit_symmetry_classes,
     gaussian_multipliers,
     interval_multipliers,
 )
@@ -95,7 +96,8 @@ def test_seed_reproducible_and_resume_equals_uninterrupted(dataset, tmp_path):
     resumed = train(resumed_cfg, comm=MPI.COMM_SELF, dataset=dataset, resume=True)
     assert len(resumed.history["val_loss"]) == 3
     for k, v in _weights(full.model).items():
-        if k not in ("std_scale", "std_floor", "interval_table", "error_weight", "error_bias"):
+        calibration = ("std_scale", "std_floor", "interval_table", "error_weight", "error_bias")
+        if k not in (*calibration, "class_std_factor", "class_interval_table"):
             np.testing.assert_array_equal(v, _weights(resumed.model)[k], err_msg=k)
     assert full.history["val_loss"] == resumed.history["val_loss"]
     # a checkpoint of another configuration is refused
@@ -176,6 +178,43 @@ def test_fit_calibration_heavy_tailed_errors():
     assert cal.mix < 0.3 and cal.scale == pytest.approx(1.0, rel=0.05)
     with pytest.raises(ValueError, match="same non-zero size"):
         fit_calibration(err, spread[:10], tau)
+
+
+def test_fit_symmetry_classes_calibrates_each_class():
+    """Two symmetry classes whose errors differ in size and shape: the pooled calibration
+    covers neither at its levels; the per-class factors and multipliers cover fresh
+    errors of each; a class with few microstructures keeps the pooled calibration."""
+    rng = np.random.default_rng(5)
+
+    def draw(n_micro, rows, order, size, heavy):
+        group = np.repeat(np.arange(n_micro), rows)
+        noise = rng.standard_t(3, (group.size, 2)) if heavy else rng.normal(size=(group.size, 2))
+        return size * noise, np.full(group.size, order), group
+
+    def both(n_micro):
+        e1, o1, g1 = draw(n_micro, 20, 1, 2.0, True)
+        e8, o8, g8 = draw(n_micro, 20, 8, 0.5, False)
+        return np.vstack([e1, e8]), np.r_[o1, o8], np.r_[g1, g8 + n_micro]
+
+    err, order, group = both(400)
+    std = np.ones_like(err)
+    pooled = fit_calibration(err, np.zeros_like(err), std).multipliers
+    factor, table = fit_symmetry_classes(err, std, pooled, order, group)
+    assert factor[1] == factor[2] == 1.0 and np.array_equal(table[1], pooled)
+    assert factor[0] == pytest.approx(np.sqrt(3 * 4), rel=0.15)  # 2 × Student-t(3) RMS
+    assert factor[3] == pytest.approx(0.5, rel=0.05)
+    fresh, fresh_order, _ = both(400)
+    for row, value in ((0, 1), (3, 8)):
+        rows = fresh_order == value
+        e, s = fresh[rows], factor[row] * np.ones_like(fresh[rows])
+        assert calibration_error(e, s, multipliers=table[row]) < 0.015
+        assert calibration_error(fresh[rows], np.ones_like(e), multipliers=pooled) > 0.05
+    # 5 microstructures per class: too few for their own quantiles
+    err, order, group = both(5)
+    factor, table = fit_symmetry_classes(err, std[: err.shape[0]], pooled, order, group)
+    assert np.all(factor == 1.0) and np.all(table == pooled)
+    with pytest.raises(ValueError, match="symmetry orders"):
+        fit_symmetry_classes(err, std[: err.shape[0]], pooled, order + 2, group)
 
 
 def test_fit_cell_error_head_recovers_log_linear_scale():

@@ -2,7 +2,7 @@
 
 The std returned per point and component is
 
-    std = √((s·spread)² + (c·τ(z))²)
+    std = κ_class · √((s·spread)² + (c·τ(z))²)
 
 * spread: the spread of the M fixed MC-dropout samples. It sees how the last decoder layer
   varies, which tracks the error from state to state within a cell.
@@ -26,12 +26,16 @@ The std returned per point and component is
 
   The errors are heavy-tailed relative to any smooth std model. On the thermal validation
   split a Gaussian shape covered 0.81 at the 95 % level. Then no (s, c) matches every level.
-  Measured on the thermal test split: the spread with a Gaussian shape, 0.09; with the
-  cross-fitted τ and the calibrated shape, 0.007.
+* per symmetry class of the cell (:func:`fit_symmetry_classes`, Mondrian conformal
+  prediction): a std factor and multipliers for each class with enough validation
+  microstructures. The pooled calibration is exact on the validation mix of cells only:
+  on 500 fresh random-inclusion cells (thermal family, no symmetry) it gave a calibration
+  error of 0.064 (coverage 0.58 at 68 %), the per-class one 0.005.
 
 Calibration error = mean over nominal levels p = 0.05, 0.10, …, 0.95 (:data:`LEVELS_P`) of
-|coverage_p − p|, coverage_p the share of |err| ≤ k_p·std, all response components pooled.
-Without fitted multipliers, k_p = z_p (Gaussian).
+|coverage_p − p|, coverage_p the share of |err| ≤ k_p·std, all response components pooled
+(k_p of each row's class when given per row). Without fitted multipliers, k_p = z_p
+(Gaussian).
 """
 
 from collections.abc import Sequence
@@ -47,11 +51,15 @@ __all__ = [
     "cross_fit_cell_error",
     "fit_calibration",
     "fit_cell_error_head",
+    "fit_symmetry_classes",
     "gaussian_multipliers",
     "interval_multipliers",
 ]
 
 LEVELS_P = tuple(round(0.05 * k, 2) for k in range(1, 20))
+#: A symmetry class needs this many distinct validation microstructures for its own
+#: calibration; with fewer it keeps the pooled one.
+MIN_CLASS_MICROSTRUCTURES = 10
 
 
 def gaussian_multipliers(p: float | Sequence[float]) -> np.ndarray:
@@ -86,28 +94,35 @@ def coverage(
     err: np.ndarray,
     std: np.ndarray,
     p: float | Sequence[float],
-    multipliers: Sequence[float] | None = None,
+    multipliers: np.ndarray | Sequence[float] | None = None,
 ) -> np.ndarray:
     """Empirical coverage: share of |err| ≤ k_p·std for each level p.
 
-    err, std: same shape (any). multipliers: k_p per level (same length as p); None for
-    the Gaussian z_p. Returns one value per level."""
-    e = np.abs(np.asarray(err, dtype=float)).ravel()
-    s = np.asarray(std, dtype=float).ravel()
+    err, std: same shape (N, …). multipliers: k_p per level (L,), or per level and row
+    (L, N) (per-row calibration, e.g. by symmetry class); None for the Gaussian z_p.
+    Returns one value per level."""
+    e = np.abs(np.asarray(err, dtype=float))
+    s = np.asarray(std, dtype=float)
     lv = np.atleast_1d(np.asarray(p, dtype=float))
     k = gaussian_multipliers(lv) if multipliers is None else np.asarray(multipliers, float)
-    if k.shape != lv.shape:
-        raise ValueError(f"{k.size} multipliers for {lv.size} levels")
-    return np.array([(e <= ki * s).mean() for ki in k])
+    if k.shape[0] != lv.size or k.ndim > 2 or (k.ndim == 2 and k.shape[1] != e.shape[0]):
+        raise ValueError(
+            f"multipliers of shape {k.shape} for {lv.size} levels and {e.shape[0]} rows"
+        )
+    e, s = e.reshape(e.shape[0], -1), s.reshape(s.shape[0], -1)
+    if k.ndim == 1:
+        return np.array([(e <= ki * s).mean() for ki in k])
+    return np.array([(e <= ki[:, None] * s).mean() for ki in k])
 
 
 def calibration_error(
     err: np.ndarray,
     std: np.ndarray,
     levels: Sequence[float] = LEVELS_P,
-    multipliers: Sequence[float] | None = None,
+    multipliers: np.ndarray | Sequence[float] | None = None,
 ) -> float:
-    """mean over nominal levels p of |coverage(p) − p| (DESIGN.md §6)."""
+    """mean over nominal levels p of |coverage(p) − p| (DESIGN.md §6); multipliers as in
+    :func:`coverage`."""
     cov = coverage(err, std, levels, multipliers)
     return float(np.mean(np.abs(cov - np.asarray(levels))))
 
@@ -273,3 +288,57 @@ def fit_calibration(
     return Calibration(
         scale=float(scale), floor=float(floor), multipliers=np.asarray(k, float), mix=float(phi)
     )
+
+
+def fit_symmetry_classes(
+    err: np.ndarray,
+    std: np.ndarray,
+    multipliers: np.ndarray,
+    order: np.ndarray,
+    group: np.ndarray,
+    *,
+    min_microstructures: int = MIN_CLASS_MICROSTRUCTURES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration per symmetry class of the cell (Mondrian split conformal prediction).
+
+    The share of the error that the cell error scale τ explains differs between classes of
+    cells. On the thermal family, the std pooled over the validation split covered the
+    random-inclusion cells (no symmetry) 0.58 of the time at the 68 % level, and the
+    square-symmetric inclusion cells more than nominal. A class is the cell's symmetry
+    order (:func:`~neuroscale_coupling.symmetry.symmetry_order`), known from the image.
+    Per class c, a factor κ_c makes the std RMS-consistent on the class's validation
+    errors, and k_p,c are the conformal quantiles of |err| / (κ_c·std) there. A class with
+    fewer than ``min_microstructures`` distinct validation microstructures keeps κ = 1
+    and the pooled multipliers: its own quantiles would rest on too few independent
+    errors (the errors are mostly per microstructure).
+
+    err, std: (N, r) errors and pooled calibrated std; multipliers (19,) pooled k_p;
+    order, group: (N,) the row's symmetry order (1, 2, 4 or 8) and microstructure id.
+    Returns factor (4,) and multipliers (4, 19), rows in the order 1, 2, 4, 8.
+    """
+    from neuroscale_coupling.symmetry import SYMMETRY_ORDERS
+
+    e = np.abs(np.asarray(err, dtype=float))
+    sd = np.asarray(std, dtype=float)
+    o = np.asarray(order).reshape(-1)
+    g = np.asarray(group).reshape(-1)
+    k = np.asarray(multipliers, dtype=float).reshape(-1)
+    if e.shape != sd.shape or e.ndim != 2 or o.shape != g.shape or o.size != e.shape[0]:
+        raise ValueError(
+            f"need err and std (N, r), order and group (N,); got {e.shape}, {sd.shape}, "
+            f"{o.shape}, {g.shape}"
+        )
+    if not set(np.unique(o).tolist()) <= set(SYMMETRY_ORDERS):
+        raise ValueError(f"symmetry orders must be among {SYMMETRY_ORDERS}; got {np.unique(o)}")
+    factor = np.ones(len(SYMMETRY_ORDERS))
+    table = np.tile(k, (len(SYMMETRY_ORDERS), 1))
+    for i, value in enumerate(SYMMETRY_ORDERS):
+        rows = o == value
+        if np.unique(g[rows]).size < min_microstructures:
+            continue
+        ratio = (e[rows] / sd[rows]).ravel()
+        kappa = float(np.sqrt(np.mean(ratio**2)))
+        kc = _conformal_quantiles(ratio / kappa, LEVELS_P)
+        if kappa > 0 and np.all(kc > 0):
+            factor[i], table[i] = kappa, kc
+    return factor, table

@@ -41,6 +41,7 @@ from neuroscale_coupling.surrogate.data import material_to_dict
 from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions, OnlineEnrichment
 from neuroscale_coupling.surrogate.fallback import FallbackPolicy, fallback_reasons
 from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
+from neuroscale_coupling.symmetry import symmetry_order
 
 __all__ = ["SurrogateClosure"]
 
@@ -107,6 +108,7 @@ class SurrogateClosure(Closure):
                 "it with this version, or set FallbackPolicy(family_threshold=math.inf)"
             )
         self._family = surrogate.family_ratio(self._unique, self._latent)
+        self._symmetry = symmetry_order(self._unique)
         self.family_ratio = self._family[self._cell_of_point]
         norm = surrogate.metadata["normalization_obj"]
         self._response_rms = np.asarray(norm.response_scale, dtype=float)
@@ -168,6 +170,7 @@ class SurrogateClosure(Closure):
                 torch.from_numpy(states),
                 cells=torch.from_numpy(self._cell_of_point),
                 family=torch.from_numpy(self._family),
+                symmetry=self._symmetry,
             )
         return p.response.numpy(), p.tangent.numpy(), p.std.numpy()
 

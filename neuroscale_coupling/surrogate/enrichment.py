@@ -44,8 +44,9 @@ ranks (a warning is logged and the stats say ``broadcast = 1``).
 train` does, :func:`~neuroscale_coupling.surrogate.calibration.fit_calibration` on the
 normalized response errors, the raw spread (eval mode, fixed masks) and the cell error
 scale τ over the model file's reference "val" set, then ``set_std_scale``,
-``set_std_floor`` and ``set_interval_multipliers`` (the cell error head, fitted on the
-training split, is kept). Each rank
+``set_std_floor`` and ``set_interval_multipliers`` with the symmetry classes'
+factors and multipliers (:func:`~neuroscale_coupling.surrogate.calibration.
+fit_symmetry_classes`; the cell error head, fitted at training, is kept). Each rank
 evaluates a block of the rows; the blocks are gathered in rank order, so every rank fits
 the same calibration.
 
@@ -67,10 +68,11 @@ from mpi4py import MPI
 
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import collective_call
-from neuroscale_coupling.surrogate.calibration import fit_calibration
-from neuroscale_coupling.surrogate.data import Dataset
+from neuroscale_coupling.surrogate.calibration import fit_calibration, fit_symmetry_classes
+from neuroscale_coupling.surrogate.data import Dataset, translation_groups
 from neuroscale_coupling.surrogate.model_file import Surrogate
 from neuroscale_coupling.surrogate.sano import SANOPrediction
+from neuroscale_coupling.symmetry import symmetry_order
 
 __all__ = ["EnrichmentOptions", "OnlineEnrichment"]
 
@@ -513,9 +515,17 @@ class OnlineEnrichment:
         val_after, err, std, tau = self._val_pass()
         if opt.recalibrate:
             cal = fit_calibration(err, std, tau)
+            v = self._val
+            factor, table = fit_symmetry_classes(
+                err,
+                np.hypot(cal.scale * std, cal.floor * tau),
+                cal.multipliers,
+                symmetry_order(v.images)[v.cell_index],
+                translation_groups(v.images)[v.cell_index],
+            )
             self.model.set_std_scale(cal.scale)
             self.model.set_std_floor(cal.floor * np.asarray(self._rscale, dtype=float))
-            self.model.set_interval_multipliers(cal.multipliers)
+            self.model.set_interval_multipliers(cal.multipliers, factor, table)
         return {
             "rows": float(rows),
             "steps": float(opt.steps),

@@ -37,8 +37,9 @@ reference are ``null``):
   as an (r, d) nested list, rows = responses, columns = states); same for the tangent.
 * ``calibration_error`` = mean over p = 0.05, 0.10, …, 0.95 of |coverage_p − p|, where
   coverage_p is the share of response errors inside the model's level-p interval ±k_p·std
-  (calibrated std and multipliers, :meth:`SANO.interval_multipliers`; Gaussian z_p for a
-  model without a fitted table), all components pooled
+  (calibrated std and multipliers of the cell's symmetry class,
+  :meth:`SANO.interval_multipliers`; Gaussian z_p for a model without a fitted table), all
+  components pooled
   (:func:`calibration.calibration_error`);
   ``coverage68``, ``coverage95``; ``calibration_curve`` {nominal, empirical}. ``null``
   when the model has no spread (dropout = 0).
@@ -76,6 +77,7 @@ from neuroscale_coupling.surrogate.config import GenerateConfig
 from neuroscale_coupling.surrogate.data import Dataset, generate, split, translation_groups
 from neuroscale_coupling.surrogate.metric_spread import by_generator, group_bootstrap
 from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
+from neuroscale_coupling.symmetry import symmetry_order
 from neuroscale_coupling.translation import canonical_translation
 
 __all__ = [
@@ -363,8 +365,12 @@ def compute_metrics(
             np.mean(~surrogate.domain.contains(data.states, tol=1e-12))
         ),
     }
+    symmetry = symmetry_order(data.images)[data.cell_index]
     if np.any(s > 0):
-        k = surrogate.model.interval_multipliers
+
+        def k(p: Sequence[float]) -> np.ndarray:
+            return surrogate.model.interval_multipliers(p, symmetry)  # (L, N)
+
         cov = coverage(eq, s, CURVE_P, k(CURVE_P))
         c2 = coverage(eq, s, (0.68, 0.95), k((0.68, 0.95)))
         m.update(
@@ -379,8 +385,7 @@ def compute_metrics(
     group = translation_groups(data.images)[data.cell_index]
     hits = None
     if np.any(s > 0):
-        k = surrogate.model.interval_multipliers(levels)
-        hits = np.abs(eq)[None] <= k[:, None, None] * s[None]
+        hits = np.abs(eq)[None] <= k(levels)[:, :, None] * s[None]
     parts = (eq, yq, et, yt, hits, levels, group)
     m["n_microstructures"] = int(group.max()) + 1 if group.size else 0
     m["interval_5_95"] = group_bootstrap(*parts) if group.size else {}

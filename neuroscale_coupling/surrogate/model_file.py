@@ -30,6 +30,7 @@ from neuroscale_coupling.surrogate.data import (
 )
 from neuroscale_coupling.surrogate.family import ImageFamily
 from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
+from neuroscale_coupling.symmetry import symmetry_order
 from neuroscale_coupling.translation import canonical_translation
 
 __all__ = [
@@ -184,7 +185,9 @@ class Surrogate:
         self, images: np.ndarray, states: np.ndarray, *, chunk: int = 4096
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """images (N, n, n) phase ids, states (N, d) physical → response (N, r), tangent
-        (N, r, d), std (N, r) (calibrated), physical units, float64 numpy arrays.
+        (N, r, d), std (N, r) (calibrated, with the cell's symmetry class), physical units,
+        float64 numpy arrays. The level-p interval of row i is ±k·std with k from
+        ``model.interval_multipliers(p, symmetry_order(images))[:, i]``.
 
         Each distinct image is encoded once; the decoder runs in chunks of ``chunk``."""
         im = np.asarray(images)
@@ -206,6 +209,7 @@ class Surrogate:
         with torch.no_grad():
             latent = self.model.encode(self.model_inputs(uniq))
             family = torch.as_tensor(self.family_ratio(uniq, latent), dtype=p.dtype)
+            symmetry = symmetry_order(uniq)
             outs = []
             for lo in range(0, st.shape[0], chunk):
                 sl = slice(lo, lo + chunk)
@@ -214,6 +218,7 @@ class Surrogate:
                     torch.as_tensor(st[sl], dtype=p.dtype, device=p.device),
                     cells=torch.as_tensor(inv[sl], device=p.device),
                     family=family,
+                    symmetry=symmetry,
                 )
                 outs.append([pred.response, pred.tangent, pred.std])
         return tuple(torch.cat([o[k] for o in outs]).double().cpu().numpy() for k in range(3))  # type: ignore[return-value]

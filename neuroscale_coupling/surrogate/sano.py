@@ -67,8 +67,13 @@ e · ‖response‖)²). The three terms are:
 
 The calibrated central interval of level p is ±k_p·std, k_p from the fitted table
 ``interval_table`` (:meth:`SANO.interval_multipliers`; the errors are not Gaussian).
-Buffers default to scale 1, floor 0, τ = 1, Gaussian k_p and no family (ρ = 0): the raw
-spread. :meth:`SANO.kl` is the concrete-dropout KL term for the loss.
+Per symmetry class of the cell (its :func:`~neuroscale_coupling.symmetry.symmetry_order`,
+passed as ``decode(symmetry=…)``), the std is multiplied by ``class_std_factor`` and the
+multipliers come from ``class_interval_table``
+(:func:`~neuroscale_coupling.surrogate.calibration.fit_symmetry_classes`). Without it,
+the pooled calibration applies.
+Buffers default to scale 1, floor 0, τ = 1, Gaussian k_p, class factors 1 and no family
+(ρ = 0): the raw spread. :meth:`SANO.kl` is the concrete-dropout KL term for the loss.
 
 Ablation variants (``SANOConfig.encoder`` / ``attention``; the decoders are the same in
 every variant, so a comparison isolates the encoder):
@@ -119,9 +124,31 @@ from neuroscale_coupling.surrogate.calibration import (
     interval_multipliers,
 )
 from neuroscale_coupling.surrogate.uncertainty import MCDropoutMasks
-from neuroscale_coupling.symmetry import D4, response_matrix, state_matrix, transform_image
+from neuroscale_coupling.symmetry import (
+    D4,
+    SYMMETRY_ORDERS,
+    response_matrix,
+    state_matrix,
+    transform_image,
+)
 
 __all__ = ["SANO", "SANOConfig", "SANOPrediction", "d4_average"]
+
+
+def _symmetry_class(order: np.ndarray) -> np.ndarray:
+    """Row (B,) of the class tables for symmetry orders (B,) in 1, 2, 4, 8."""
+    o = np.asarray(order).reshape(-1)
+    index = np.searchsorted(SYMMETRY_ORDERS, o)
+    bad = (index >= len(SYMMETRY_ORDERS)) | (
+        np.asarray(SYMMETRY_ORDERS)[np.minimum(index, len(SYMMETRY_ORDERS) - 1)] != o
+    )
+    if np.any(bad):
+        raise ValueError(
+            f"symmetry orders must be among {SYMMETRY_ORDERS} (symmetry_order of the cells); "
+            f"got {np.unique(o[bad]).tolist()}"
+        )
+    return index
+
 
 _log = get_logger(__name__)
 
@@ -839,9 +866,12 @@ class SANO(nn.Module):
         # zeros: τ = 1) and the interval multipliers k_p at LEVELS_P (default Gaussian z_p).
         self.register_buffer("error_weight", torch.zeros(config.response_dim, config.latent))
         self.register_buffer("error_bias", torch.zeros(config.response_dim))
-        self.register_buffer(
-            "interval_table", torch.as_tensor(gaussian_multipliers(LEVELS_P), dtype=torch.float32)
-        )
+        gauss = torch.as_tensor(gaussian_multipliers(LEVELS_P), dtype=torch.float32)
+        self.register_buffer("interval_table", gauss)
+        # Per symmetry class (rows: orders 1, 2, 4, 8): std factor and multipliers.
+        classes = len(SYMMETRY_ORDERS)
+        self.register_buffer("class_std_factor", torch.ones(classes))
+        self.register_buffer("class_interval_table", gauss.repeat(classes, 1))
         # Training-family statistics of the latents (fit_family); scale 0 = not fitted.
         self.register_buffer("family_mean", torch.zeros(config.latent))
         self.register_buffer("family_precision", torch.eye(config.latent))
@@ -913,28 +943,62 @@ class SANO(nn.Module):
         z = latent.to(self.error_weight.dtype)
         return torch.exp(self.error_bias + z @ self.error_weight.T).to(latent.dtype)
 
-    def set_interval_multipliers(self, table: Sequence[float]) -> None:
+    def set_interval_multipliers(
+        self,
+        table: Sequence[float],
+        class_factor: Sequence[float] | None = None,
+        class_table: Any = None,
+    ) -> None:
         """Multipliers k_p (19,) > 0 at :data:`~neuroscale_coupling.surrogate.calibration.
-        LEVELS_P`: the level-p interval of a response component is ±k_p·std."""
+        LEVELS_P`: the level-p interval of a response component is ±k_p·std. Per symmetry
+        class (rows: orders 1, 2, 4, 8): std factors class_factor (4,) > 0 and multipliers
+        class_table (4, 19) (:func:`~neuroscale_coupling.surrogate.calibration.
+        fit_symmetry_classes`); None: factor 1 and the pooled table for every class."""
         interval_multipliers(0.5, table)  # validates
-        self.interval_table.copy_(torch.as_tensor(np.asarray(table, dtype=float)))
+        k = np.asarray(table, dtype=float)
+        classes = len(SYMMETRY_ORDERS)
+        factor = np.ones(classes) if class_factor is None else np.asarray(class_factor, float)
+        rows = np.tile(k, (classes, 1)) if class_table is None else np.asarray(class_table, float)
+        if factor.shape != (classes,) or np.any(~(factor > 0)) or rows.shape != (classes, k.size):
+            raise ValueError(
+                f"class factors must be ({classes},) > 0 and the class table ({classes}, "
+                f"{k.size}); got {factor.shape}, {rows.shape}"
+            )
+        for row in rows:
+            interval_multipliers(0.5, row)  # validates
+        self.interval_table.copy_(torch.as_tensor(k))
+        self.class_std_factor.copy_(torch.as_tensor(factor))
+        self.class_interval_table.copy_(torch.as_tensor(rows))
 
-    def interval_multipliers(self, p: float | Sequence[float]) -> np.ndarray:
+    def class_factor(self, symmetry: Any) -> np.ndarray:
+        """Std factors (B,) of the symmetry classes of cells of symmetry orders (B,)."""
+        return self.class_std_factor.double().cpu().numpy()[_symmetry_class(symmetry)]
+
+    def interval_multipliers(self, p: float | Sequence[float], symmetry: Any = None) -> np.ndarray:
         """k_p for levels p in (0, 1): the calibrated central interval is ±k_p·std
-        (Gaussian z_p for a model without a fitted table)."""
-        return interval_multipliers(p, self.interval_table.double().cpu().numpy())
+        (Gaussian z_p for a model without a fitted table). Pooled (L,) without
+        ``symmetry``; with the symmetry orders (B,) of B cells, (L, B) from their classes'
+        tables (the std of :meth:`decode` given the same orders)."""
+        if symmetry is None:
+            return interval_multipliers(p, self.interval_table.double().cpu().numpy())
+        rows = _symmetry_class(np.asarray(symmetry))
+        table = self.class_interval_table.double().cpu().numpy()
+        per_class = np.stack([interval_multipliers(p, t) for t in table], axis=1)  # (L, 4)
+        return per_class[:, rows]
 
     @contextmanager
     def raw_std(self, *, family: bool = False) -> Iterator[None]:
         """Within the block the std is the raw spread of the M samples (scale 1, floor 0;
         with ``family`` the family term stays on); the calibration is restored afterwards."""
-        scale, floor, gain = (
+        scale, floor, gain, factor = (
             self.std_scale.clone(),
             self.std_floor.clone(),
             self.family_gain.clone(),
+            self.class_std_factor.clone(),
         )
         self.std_scale.fill_(1.0)
         self.std_floor.zero_()
+        self.class_std_factor.fill_(1.0)
         if not family:
             self.family_gain.zero_()
         try:
@@ -943,11 +1007,13 @@ class SANO(nn.Module):
             self.std_scale.copy_(scale)
             self.std_floor.copy_(floor)
             self.family_gain.copy_(gain)
+            self.class_std_factor.copy_(factor)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
         """As torch's, accepting states saved before the calibration floor, the family
-        statistics, the cell error head and the interval table existed (their defaults:
-        floor 0, no family, τ = 1, Gaussian intervals)."""
+        statistics, the cell error head, the interval table and the symmetry classes
+        existed (their defaults: floor 0, no family, τ = 1, Gaussian intervals, the pooled
+        calibration for every class)."""
         state = dict(state_dict)
         for name in ("std_floor", "family_mean", "family_precision", "family_scale"):
             state.setdefault(name, getattr(self, name).clone())
@@ -956,6 +1022,11 @@ class SANO(nn.Module):
             state.setdefault(name, torch.zeros_like(getattr(self, name)))
         gauss = gaussian_multipliers(LEVELS_P)
         state.setdefault("interval_table", self.interval_table.new_tensor(gauss))
+        state.setdefault("class_std_factor", torch.ones_like(self.class_std_factor))
+        state.setdefault(
+            "class_interval_table",
+            state["interval_table"].repeat(len(SYMMETRY_ORDERS), 1),
+        )
         state.setdefault("family_gain", torch.ones_like(self.family_gain))
         return super().load_state_dict(state, *args, **kwargs)
 
@@ -1063,6 +1134,7 @@ class SANO(nn.Module):
         cells: torch.Tensor | None = None,
         return_samples: bool = False,
         family: torch.Tensor | None = None,
+        symmetry: Any = None,
     ) -> SANOPrediction:
         """Decode latents (B, latent) at macro states (N, d).
 
@@ -1070,6 +1142,9 @@ class SANO(nn.Module):
         the single latent (B = 1). ``family`` (B,): a family ratio per latent row measured
         otherwise (the image distance of :class:`~neuroscale_coupling.surrogate.family.
         ImageFamily`); the std's family term uses the larger of it and the latent ratio.
+        ``symmetry`` (B,): the symmetry order of each latent row's cell
+        (:func:`~neuroscale_coupling.symmetry.symmetry_order`), selecting its class's std
+        factor; None: the pooled calibration.
         Differentiable w.r.t. the parameters when grad is enabled (the tangent included,
         for training on tangents).
         """
@@ -1086,13 +1161,23 @@ class SANO(nn.Module):
                 raise ValueError(
                     f"family has {family.shape[0]} ratios for {latent.shape[0]} latent rows"
                 )
+        factor = None
+        if symmetry is not None:
+            cls = _symmetry_class(np.asarray(symmetry))
+            if cls.shape[0] != latent.shape[0]:
+                raise ValueError(
+                    f"symmetry has {cls.shape[0]} orders for {latent.shape[0]} latent rows"
+                )
+            factor = self.class_std_factor.to(dtype)[torch.as_tensor(cls, device=latent.device)]
         if cells is not None:
             rows = torch.as_tensor(cells, device=latent.device)
             latent = latent[rows]
             family = None if family is None else family[rows]
+            factor = None if factor is None else factor[rows]
         elif latent.shape[0] == 1:
             latent = latent.expand(n, -1)
             family = None if family is None else family.expand(n)
+            factor = None if factor is None else factor.expand(n)
         if latent.shape[0] != n:
             raise ValueError(
                 f"latent has {latent.shape[0]} rows for {n} states: pass cells=(N,) indices"
@@ -1145,6 +1230,8 @@ class SANO(nn.Module):
         std = samples.std(1, correction=0) if m > 1 else torch.zeros_like(response)
         tau = self.cell_error_scale(latent)
         std = torch.sqrt((std * self.std_scale) ** 2 + (self.std_floor * tau) ** 2)
+        if factor is not None:
+            std = std * factor[:, None]
         fitted = float(self.family_scale) > 0
         if (fitted or family is not None) and float(self.family_gain) > 0:
             ratio = self.family_ratio(latent)

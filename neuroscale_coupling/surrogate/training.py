@@ -51,8 +51,10 @@ distinct images; none, τ = 1, when the split holds one distinct image), and
 :func:`~neuroscale_coupling.surrogate.calibration.fit_calibration`
 gives the scale s, the floor c and the interval multipliers k_p from the errors, the raw
 spread and the out-of-fold τ: ``set_std_scale(s)``, ``set_std_floor(c × per-component
-response RMS)``, ``set_interval_multipliers(k)``. Calibration needs no dropout: without
-spread, τ carries the std alone.
+response RMS)``. Per symmetry class of the validation cells
+(:func:`~neuroscale_coupling.surrogate.calibration.fit_symmetry_classes`) a std factor and
+multipliers follow: ``set_interval_multipliers(k, class factors, class table)``.
+Calibration needs no dropout: without spread, τ carries the std alone.
 
 **MPI.** :func:`train` with a communicator: dataset generation is collective; every rank
 trains the same (deterministic) copy; rank 0 alone writes the checkpoint and model file,
@@ -73,10 +75,12 @@ from mpi4py import MPI
 from neuroscale_coupling.io import torch_save_atomic
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.calibration import (
+    LEVELS_P,
     calibration_error,
     coverage,
     cross_fit_cell_error,
     fit_calibration,
+    fit_symmetry_classes,
 )
 from neuroscale_coupling.surrogate.config import TrainConfig
 from neuroscale_coupling.surrogate.data import (
@@ -91,7 +95,13 @@ from neuroscale_coupling.surrogate.data import (
 )
 from neuroscale_coupling.surrogate.model_file import save_model, wavelet_inputs
 from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
-from neuroscale_coupling.symmetry import D4, response_matrix, state_matrix, transform_image
+from neuroscale_coupling.symmetry import (
+    D4,
+    response_matrix,
+    state_matrix,
+    symmetry_order,
+    transform_image,
+)
 
 __all__ = ["CALIBRATION_SAMPLES", "REPLAY_SAMPLES", "TrainResult", "train"]
 
@@ -457,20 +467,25 @@ class _Trainer:
             tau = np.ones_like(err)
         before = np.where(spread > 0, spread, np.finfo(float).tiny)
         cal = fit_calibration(err, spread, tau)
-        calibrated = np.hypot(cal.scale * spread, cal.floor * tau)
+        pooled = np.hypot(cal.scale * spread, cal.floor * tau)
+        order = symmetry_order(self.val.images)
+        factor, table = fit_symmetry_classes(
+            err, pooled, cal.multipliers, order[cells], groups[cells]
+        )
         model.set_std_scale(cal.scale)
         model.set_std_floor(cal.floor * np.asarray(self.norm.response_scale, dtype=float))
-        model.set_interval_multipliers(cal.multipliers)
+        model.set_interval_multipliers(cal.multipliers, factor, table)
+        calibrated = pooled * model.class_factor(order[cells])[:, None]
+        k_rows = model.interval_multipliers(LEVELS_P, order[cells])
+        k_68_95 = model.interval_multipliers((0.68, 0.95), order[cells])
         cov_b = coverage(err, before, (0.68, 0.95))
-        cov_a = coverage(err, calibrated, (0.68, 0.95), model.interval_multipliers((0.68, 0.95)))
+        cov_a = coverage(err, calibrated, (0.68, 0.95), k_68_95)
         return {
             "std_scale": cal.scale,
             "std_floor": cal.floor,
             "std_mix": cal.mix,
             "calibration_error_before": calibration_error(err, before),
-            "calibration_error_after": calibration_error(
-                err, calibrated, multipliers=cal.multipliers
-            ),
+            "calibration_error_after": calibration_error(err, calibrated, multipliers=k_rows),
             "coverage68_before": float(cov_b[0]),
             "coverage95_before": float(cov_b[1]),
             "coverage68_after": float(cov_a[0]),
