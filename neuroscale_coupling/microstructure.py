@@ -17,6 +17,7 @@ __all__ = [
     "centre_and_corner_fibres",
     "checkerboard",
     "circular_inclusion",
+    "distinct_images",
     "from_array",
     "laminate",
     "make_cell",
@@ -85,6 +86,19 @@ def from_array(image: Any, *, n_phases: int | None = None) -> np.ndarray:
             "add phases to the material or relabel the image"
         )
     return a
+
+
+def distinct_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct images (U, n, n) of images (B, n, n) and the row (B,) of each image in
+    them. Rows are compared as raw bytes, which sorts them in byte order (not numerically);
+    np.unique(axis=0) gives the same sets 50× slower (2.8 s for 20000 cells of 32²)."""
+    im = np.ascontiguousarray(images)
+    if im.ndim != 3:
+        raise ValueError(f"images must have shape (B, n, n); got {im.shape}")
+    row = im.shape[1] * im.shape[2] * im.itemsize
+    keys = im.reshape(im.shape[0], row // im.itemsize).view(np.dtype((np.void, row))).reshape(-1)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return im[first], inverse.reshape(-1).astype(np.int64)
 
 
 def phase_fractions(image: np.ndarray, n_phases: int | None = None) -> np.ndarray:

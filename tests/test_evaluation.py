@@ -22,11 +22,13 @@ from neuroscale_coupling.surrogate.data import generate, split, translation_grou
 from neuroscale_coupling.surrogate.evaluation import (
     _with_config_paths,
     evaluate_model,
+    fresh_data,
     training_images,
 )
 from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
 from neuroscale_coupling.surrogate.training import train
 from neuroscale_coupling.symmetry import symmetry_order
+from neuroscale_coupling.translation import canonical_translation
 
 RANK = MPI.COMM_WORLD.rank
 # fresh held-out cells: another generator and seed, same material, resolution and domain
@@ -258,3 +260,40 @@ def test_recorded_relative_paths_resolve_against_config_folder(tmp_path):
     assert meta["extra"]["train_config"]["data"]["generate"]["save"] == "data/d.pt"  # untouched
     gone = _with_config_paths(meta, tmp_path / "elsewhere" / "models" / "m.pt")
     assert gone["extra"]["train_config"]["data"]["generate"]["save"] == "data/d.pt"
+
+
+def test_fresh_cells_drawn_from_the_recorded_family(trained):
+    """--fresh: cells drawn from the recorded generate table with another seed, solved,
+    minus those whose image is a training/validation image up to translation."""
+    model_path, dataset, _ = trained
+    model, meta = load_model(model_path)
+    with pytest.raises(ValueError, match=r"no data\.generate table"):
+        fresh_data(meta, 4, 5, comm=MPI.COMM_SELF)
+    data_cfg = {"generate": dict(GENERATE), "split": list(SPLIT), "split_seed": 4}
+    meta["extra"]["train_config"] = {**meta["extra"]["train_config"], "data": data_cfg}
+    data, dropped = fresh_data(meta, 12, 5, comm=MPI.COMM_SELF)
+    # the same draw, and the leak rule applied independently
+    full = generate(
+        GenerateConfig(**{**GENERATE, "n_cells": 12, "seed": 5}).spec(),
+        comm=MPI.COMM_SELF,
+        progress=False,
+    )
+    used = set(meta["extra"]["split_cells"]["train"]) | set(meta["extra"]["split_cells"]["val"])
+    known = {
+        im.tobytes()
+        for c, im in zip(dataset.cell_ids, canonical_translation(dataset.images), strict=True)
+        if int(c) in used
+    }
+    keep = [
+        i for i, im in enumerate(canonical_translation(full.images)) if im.tobytes() not in known
+    ]
+    assert 0 < len(keep) < 12 and dropped == 12 - len(keep)
+    np.testing.assert_array_equal(data.cell_ids, full.cell_ids[keep])
+    np.testing.assert_array_equal(data.response, full.select_cells(keep).response)
+    res = evaluate_model(Surrogate(model, meta), fresh=(12, 5), comm=MPI.COMM_SELF)
+    assert res.metrics["source"] == (
+        f"12 fresh cells (seed 5), {dropped} of them training/validation cells, dropped"
+    )
+    assert res.metrics["held_out"] is True and res.metrics["n_cells"] == len(keep)
+    with pytest.raises(ValueError, match="n_cells=0"):
+        fresh_data(meta, 0, 5, comm=MPI.COMM_SELF)

@@ -87,3 +87,20 @@ def test_d4_image_action_is_a_group_action():
             np.testing.assert_array_equal(
                 transform_image(transform_image(im, s), r), transform_image(im, r @ s)
             )
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int64])
+def test_distinct_images_match_numpy_unique(dtype):
+    rng = np.random.default_rng(4)
+    base = rng.integers(0, 3, size=(7, 6, 6)).astype(dtype)
+    images = base[rng.integers(0, 7, size=40)]
+    uniq, row = ms.distinct_images(images)
+    assert uniq.dtype == images.dtype and row.shape == (40,)
+    np.testing.assert_array_equal(uniq[row], images)
+    expected = np.unique(images.reshape(40, -1), axis=0)
+    assert {u.tobytes() for u in uniq} == {e.tobytes() for e in expected.astype(dtype)}
+    assert len(uniq) == len(expected)
+    empty, rows = ms.distinct_images(images[:0])
+    assert empty.shape == (0, 6, 6) and rows.shape == (0,)
+    with pytest.raises(ValueError, match=r"\(B, n, n\)"):
+        ms.distinct_images(images[0])

@@ -36,6 +36,7 @@ from mpi4py import MPI
 from neuroscale_coupling.closure import FALLBACK_REASONS, Closure, ClosureResult
 from neuroscale_coupling.fine.protocol import FineSolver, broadcast_cells
 from neuroscale_coupling.log import get_logger
+from neuroscale_coupling.microstructure import distinct_images
 from neuroscale_coupling.parallel import BlockPlan, collective_call, scatter
 from neuroscale_coupling.surrogate.data import material_to_dict
 from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions, OnlineEnrichment
@@ -96,10 +97,7 @@ class SurrogateClosure(Closure):
         self.model = surrogate.model.to(dtype=torch.float64, device="cpu").eval()
         self.solver = solver
         self.policy = FallbackPolicy() if policy is None else policy
-        flat = self.cells.reshape(self.n_local, size * size)
-        uniq, inv = np.unique(flat, axis=0, return_inverse=True)
-        self._unique = uniq.reshape(-1, size, size)
-        self._cell_of_point = inv.reshape(-1)
+        self._unique, self._cell_of_point = distinct_images(self.cells)
         self._latent = self._encode(self._unique)
         fitted = float(self.model.family_scale) > 0
         if not fitted and np.isfinite(self.policy.family_threshold):

@@ -16,6 +16,13 @@ resolved them. The train and val cell ids must equal those recorded in the model
 (else the file is not the training dataset: ValueError), and no test cell id may be among
 them. With ``dataset`` (a :class:`Dataset` or the path of a saved one, e.g. written by
 ``generate(spec with another seed).save(path)``) every sample of it is evaluated.
+With ``fresh=(n_cells, seed)`` (``--fresh N --seed S``) n_cells cells are drawn afresh
+from the family recorded in the model file (its ``data.generate`` table, with ``seed``),
+their states solved with the recorded solver, and the cells whose image is that of a
+training or validation cell, up to periodic translation, dropped (:func:`fresh_data`). At
+32² voxels the one-parameter generators of the shipped families have few distinct
+images, all of them in the training dataset: their fresh cells are dropped, and the
+fresh data hold the random-inclusion cells.
 
 **Leak check.** Every evaluated cell's image is compared, up to periodic translations,
 with the images of the model's recorded train and val cells (rebuilt from the training
@@ -59,6 +66,7 @@ response component and for the normalized tangent entries), ``calibration.png``
 (empirical vs nominal coverage), ``attention.png`` (bar chart per scale).
 """
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -84,6 +92,7 @@ __all__ = [
     "EvaluationResult",
     "compute_metrics",
     "evaluate_model",
+    "fresh_data",
     "held_out_data",
     "overlapping_cells",
     "training_images",
@@ -186,6 +195,44 @@ def overlapping_cells(data: Dataset, images: np.ndarray) -> np.ndarray:
     return np.array(sorted(hit), dtype=np.int64)
 
 
+def fresh_data(
+    meta: Mapping[str, Any], n_cells: int, seed: int, *, comm: MPI.Comm | None = None
+) -> tuple[Dataset, int]:
+    """Held-out data drawn afresh from the model's recorded family (collective over comm).
+
+    n_cells cells and their states (the recorded states per cell and domain) from the
+    recorded ``data.generate`` table with ``seed``, solved by its fine solver; the cells
+    whose image equals a training or validation cell's up to a periodic translation are
+    dropped. Returns the data and the number of cells dropped. Raises ValueError when the
+    model file records no generate table or no cell is left."""
+    comm = MPI.COMM_WORLD if comm is None else comm
+    data_cfg = dict(_train_config(meta).get("data") or {})
+    gen = _generate_config(data_cfg)
+    if gen is None:
+        raise ValueError(
+            "the model file records no data.generate table to draw fresh cells from: pass "
+            "held-out data with --dataset PATH"
+        )
+    if int(n_cells) < 1:
+        raise ValueError(f"fresh n_cells={n_cells} must be >= 1")
+    spec = dataclasses.replace(gen.spec(), n_cells=int(n_cells), seed=int(seed))
+    data = generate(spec, comm=comm, progress=False)
+    known = training_images(meta)
+    if known is None:
+        raise ValueError(
+            "cannot rebuild the training images to drop them from the fresh cells: the "
+            "training dataset file is gone"
+        )
+    overlap = overlapping_cells(data, known[1])
+    keep = np.flatnonzero(~np.isin(data.cell_ids, overlap))
+    if keep.size == 0:
+        raise ValueError(
+            f"all {data.n_cells} fresh cells (seed {seed}) are training/validation cells: "
+            "draw more cells or use another seed"
+        )
+    return data.select_cells(keep), int(overlap.size)
+
+
 def _test_split(meta: Mapping[str, Any], comm: MPI.Comm) -> Dataset:
     cfg = _train_config(meta)
     data_cfg = dict(cfg.get("data") or {})
@@ -237,16 +284,26 @@ def held_out_data(
     *,
     comm: MPI.Comm | None = None,
     allow_overlap: bool = False,
+    fresh: tuple[int, int] | None = None,
 ) -> tuple[Dataset, dict[str, Any]]:
     """The data to evaluate on and a plain info dict (source, leak check).
 
     dataset None: the test split of the training dataset (see the module doc; collective
-    over comm when it must be regenerated); a Dataset or a saved dataset path: all of it.
+    over comm when it must be regenerated), or with ``fresh=(n_cells, seed)`` fresh cells
+    (:func:`fresh_data`, collective); a Dataset or a saved dataset path: all of it.
     Raises ValueError when an evaluated cell is a train/val cell of the model (by cell id
     for the training dataset, by image otherwise) unless ``allow_overlap``.
     """
     comm = MPI.COMM_WORLD if comm is None else comm
-    if dataset is None:
+    if fresh is not None and dataset is not None:
+        raise ValueError("give either a dataset or fresh=(n_cells, seed), not both")
+    if fresh is not None:
+        data, dropped = fresh_data(meta, *fresh, comm=comm)
+        source = (
+            f"{fresh[0]} fresh cells (seed {fresh[1]}), {dropped} of them training/validation "
+            "cells, dropped"
+        )
+    elif dataset is None:
         data = _test_split(meta, comm)
         source = "test split of the training dataset"
     elif isinstance(dataset, Dataset):
@@ -533,15 +590,16 @@ def evaluate_model(
     comm: MPI.Comm | None = None,
     allow_overlap: bool = False,
     device: str = "cpu",
+    fresh: tuple[int, int] | None = None,
 ) -> EvaluationResult:
     """Evaluate a model file (or Surrogate) on held-out data; write the report when
     ``output`` is given (rank 0, then a barrier). Collective over comm (default
     COMM_WORLD): every rank computes the same metrics. See :func:`held_out_data` for
-    ``dataset`` / ``allow_overlap``."""
+    ``dataset`` / ``allow_overlap`` / ``fresh``."""
     comm = MPI.COMM_WORLD if comm is None else comm
     sur = model if isinstance(model, Surrogate) else Surrogate.load(model, device=device)
     meta = sur.metadata if isinstance(model, Surrogate) else _with_config_paths(sur.metadata, model)
-    data, info = held_out_data(meta, dataset, comm=comm, allow_overlap=allow_overlap)
+    data, info = held_out_data(meta, dataset, comm=comm, allow_overlap=allow_overlap, fresh=fresh)
     metrics, pred = compute_metrics(sur, data)
     metrics = {**info, **metrics}
     if not isinstance(model, Surrogate):

@@ -28,6 +28,8 @@ normalized autocovariance (S2_k(r) − φ_k²)/(φ_k(1 − φ_k)) at the lags r 
 import numpy as np
 from scipy.spatial import cKDTree
 
+from neuroscale_coupling.microstructure import distinct_images
+
 __all__ = ["ImageFamily", "correlation_descriptors"]
 
 
@@ -84,7 +86,7 @@ class ImageFamily:
             raise ValueError(f"quantile={quantile} must lie in (0, 1]")
         if im.shape[0] == 0:
             raise ValueError("the training family holds no image")
-        uniq = np.unique(im.reshape(im.shape[0], -1), axis=0).reshape(-1, *im.shape[1:])
+        uniq = distinct_images(im)[0]
         self.n_phases = int(n_phases)
         self.radius = radius
         self.image_size = int(im.shape[1])

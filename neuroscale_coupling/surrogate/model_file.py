@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from neuroscale_coupling.io import torch_save_atomic
+from neuroscale_coupling.microstructure import distinct_images
 from neuroscale_coupling.surrogate.data import (
     Dataset,
     Normalization,
@@ -202,9 +203,7 @@ class Surrogate:
             raise ValueError(
                 f"need images (N, n, n) and states (N, {cfg.state_dim}); got {im.shape}, {st.shape}"
             )
-        uniq, inv = np.unique(im.reshape(im.shape[0], -1), axis=0, return_inverse=True)
-        uniq = uniq.reshape(-1, *im.shape[1:])
-        inv = inv.reshape(-1)
+        uniq, inv = distinct_images(im)
         p = self.model.state_scale
         with torch.no_grad():
             latent = self.model.encode(self.model_inputs(uniq))
