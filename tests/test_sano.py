@@ -400,6 +400,13 @@ def test_cuda_matches_cpu():
     gpu = model.cuda()([x.cuda() for x in c], s.cuda())
     torch.testing.assert_close(gpu.response.cpu(), cpu.response)
     torch.testing.assert_close(gpu.tangent.cpu(), cpu.tangent)
+    # the family statistics fit on the device of the latents, as training does on CUDA
+    latents = torch.randn(40, model.config.latent, dtype=torch.float64)
+    on_cpu = make("mechanical", dtype=torch.float64)
+    on_cpu.fit_family(latents)
+    model.fit_family(latents.cuda())
+    for name in ("family_mean", "family_precision", "family_scale"):
+        torch.testing.assert_close(getattr(model, name).cpu(), getattr(on_cpu, name))
 
 
 # ----------------------------------------------------------------------------- ablation variants

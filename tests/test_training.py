@@ -90,8 +90,10 @@ def test_seed_reproducible_and_resume_equals_uninterrupted(dataset, tmp_path):
     part_cfg = config(tmp_path, "c", epochs=2, batch_size=64, calibrate=False)
     train(part_cfg, comm=MPI.COMM_SELF, dataset=dataset)
     assert os.path.exists(part_cfg.output.checkpoint_path)
+    # the device may change on resume (a CUDA run finished on the CPU)
+    assert part_cfg.training.device == "auto"
     resumed_cfg = dataclasses.replace(
-        part_cfg, training=dataclasses.replace(part_cfg.training, epochs=3)
+        part_cfg, training=dataclasses.replace(part_cfg.training, epochs=3, device="cpu")
     )
     resumed = train(resumed_cfg, comm=MPI.COMM_SELF, dataset=dataset, resume=True)
     assert len(resumed.history["val_loss"]) == 3

@@ -1052,7 +1052,7 @@ class SANO(nn.Module):
         diff = z - mean
         scatter = diff.T @ diff
         ridge = 1e-3 * float(scatter.diagonal().mean()) / (n - 1) + 1e-12
-        eye = torch.eye(dim, dtype=z.dtype)
+        eye = torch.eye(dim, dtype=z.dtype, device=z.device)
         precision = torch.linalg.inv(scatter / (n - 1) + ridge * eye)
         # Without the m copies of a cell at d = u − mean: mean' = (n mean − m u)/(n − m),
         # scatter' = S − n m/(n − m) d dᵀ, and u − mean' = n/(n − m) d.

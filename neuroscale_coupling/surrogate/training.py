@@ -389,15 +389,16 @@ class _Trainer:
             raise ValueError(f"{path} is not a NeuroScale training checkpoint")
         mine = _plain_config(self.cfg)
         theirs = dict(ck["config"])
-        # epochs/patience/progress may change on resume; the rest must match.
+        # epochs/patience/progress/device may change on resume (a run trained on CUDA can
+        # be finished on the CPU); the rest must match.
         for d in (mine, theirs):
-            for k in ("epochs", "patience", "progress"):
+            for k in ("epochs", "patience", "progress", "device"):
                 d["training"].pop(k, None)
         if mine != theirs:
             raise ValueError(
                 f"checkpoint {path} was written by a different configuration: resume with "
-                "the same config (only training.epochs/patience/progress may change) or "
-                "start afresh without --resume"
+                "the same config (only training.epochs/patience/progress/device may change) "
+                "or start afresh without --resume"
             )
         self.model.load_state_dict(ck["model"])
         self.optim.load_state_dict(ck["optimizer"])
