@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from neuroscale_coupling.surrogate import metric_spread
 from neuroscale_coupling.surrogate.calibration import LEVELS_P, calibration_error
+from neuroscale_coupling.surrogate.metric_spread import HeldOutErrors, by_generator, group_bootstrap
 
 
 def _case(seed=0, groups=12, per=(3, 9), r=2, d=3, spread=1.0):
@@ -31,8 +31,8 @@ def test_bootstrap_equals_explicit_resampling():
     eq, yq, et, yt, hits, std, k, group = _case()
     n_groups = group.max() + 1
     draws, seed = 50, 3
-    got = metric_spread.group_bootstrap(
-        eq, yq, et, yt, hits, LEVELS_P, group, draws=draws, seed=seed
+    got = group_bootstrap(
+        HeldOutErrors(eq, yq, et, yt, hits, LEVELS_P, group), draws=draws, seed=seed
     )
     # the same draws, resampled sample by sample
     w = np.random.default_rng(seed).multinomial(
@@ -59,9 +59,8 @@ def test_bootstrap_collapses_for_identical_microstructures():
     reps = 6
     tile = lambda a: np.concatenate([a] * reps, axis=1 if a is hits else 0)  # noqa: E731
     group = np.repeat(np.arange(reps), eq.shape[0])
-    got = metric_spread.group_bootstrap(
-        tile(eq), tile(yq), tile(et), tile(yt), tile(hits), LEVELS_P, group, draws=200
-    )
+    errors = HeldOutErrors(tile(eq), tile(yq), tile(et), tile(yt), tile(hits), LEVELS_P, group)
+    got = group_bootstrap(errors, draws=200)
     assert got["rel_l2_response"] == pytest.approx([_rel(eq, yq)] * 2, rel=1e-12)
     assert got["rel_l2_tangent"] == pytest.approx([_rel(et, yt)] * 2, rel=1e-12)
     assert got["calibration_error"][0] == pytest.approx(got["calibration_error"][1], rel=1e-12)
@@ -70,9 +69,8 @@ def test_bootstrap_collapses_for_identical_microstructures():
 def test_bootstrap_widens_with_fewer_microstructures():
     def relative_width(groups):
         eq, yq, et, yt, hits, _, _, group = _case(groups=groups, spread=0.3)
-        lo, hi = metric_spread.group_bootstrap(eq, yq, et, yt, hits, LEVELS_P, group)[
-            "rel_l2_response"
-        ]
+        errors = HeldOutErrors(eq, yq, et, yt, hits, LEVELS_P, group)
+        lo, hi = group_bootstrap(errors)["rel_l2_response"]
         return (hi - lo) / _rel(eq, yq)
 
     # the width shrinks about as 1/sqrt(G): sqrt(400 / 8) ~ 7
@@ -81,16 +79,16 @@ def test_bootstrap_widens_with_fewer_microstructures():
 
 def test_bootstrap_without_spread_and_bad_groups():
     eq, yq, et, yt, _, _, _, group = _case()
-    got = metric_spread.group_bootstrap(eq, yq, et, yt, None, LEVELS_P, group)
+    got = group_bootstrap(HeldOutErrors(eq, yq, et, yt, None, LEVELS_P, group))
     assert got["calibration_error"] == [None, None]
     with pytest.raises(ValueError, match="group id"):
-        metric_spread.group_bootstrap(eq, yq, et, yt, None, LEVELS_P, group[:-1])
+        group_bootstrap(HeldOutErrors(eq, yq, et, yt, None, LEVELS_P, group[:-1]))
 
 
 def test_by_generator_matches_numpy():
     eq, yq, et, yt, hits, std, k, group = _case(groups=10)
     gen = np.where(group % 3 == 0, "disk", "fibres")
-    got = metric_spread.by_generator(eq, yq, et, yt, hits, LEVELS_P, group, gen)
+    got = by_generator(HeldOutErrors(eq, yq, et, yt, hits, LEVELS_P, group), gen)
     assert set(got) == {"disk", "fibres"}
     for name, entry in got.items():
         rows = gen == name

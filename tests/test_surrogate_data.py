@@ -67,6 +67,27 @@ def test_generation_deterministic_and_rank_independent(dataset, comm):
     assert dataset.metadata["generation"]["ranks"] == comm.size
 
 
+def test_skipped_cells_are_not_solved(dataset, comm):
+    """generate(skip=…): the other cells keep their draw index, states and responses."""
+    skip = np.zeros(SPEC.n_cells, dtype=bool)
+    skip[[0, 3, 4, 9]] = True
+    seen = []
+
+    def mask(images):
+        seen.append(images.shape[0])
+        return skip
+
+    part = generate(SPEC, comm=comm, progress=False, skip=mask)
+    keep = np.flatnonzero(~skip)
+    np.testing.assert_array_equal(part.cell_ids, keep)
+    full = dataset.select_cells(keep)
+    for name in ("images", "cell_index", "states", "response", "tangent"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(full, name), err_msg=name)
+    assert part.cells == full.cells and seen == [SPEC.n_cells]
+    none = generate(SPEC, comm=comm, progress=False, skip=lambda ims: np.ones(len(ims), bool))
+    assert none.n_cells == 0 and len(none) == 0
+
+
 def test_shapes_and_metadata(dataset):
     n = SPEC.n_samples
     assert dataset.images.shape == (10, 16, 16) and dataset.images.dtype == np.int8

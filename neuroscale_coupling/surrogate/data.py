@@ -38,7 +38,7 @@ import inspect
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -670,7 +670,13 @@ def _allgather_rows(comm: MPI.Comm, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def generate(spec: DatasetSpec, *, comm: MPI.Comm | None = None, progress: bool = True) -> Dataset:
+def generate(
+    spec: DatasetSpec,
+    *,
+    comm: MPI.Comm | None = None,
+    progress: bool = True,
+    skip: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Dataset:
     """Solve the spec's (cell, state) samples with its fine solver (collective over comm).
 
     Cells are drawn from ``spec.family`` and states from a scrambled Sobol sequence over
@@ -681,6 +687,8 @@ def generate(spec: DatasetSpec, *, comm: MPI.Comm | None = None, progress: bool 
     A tqdm progress bar (rank 0's share) shows when ``progress``. A failed fine solve
     raises on every rank: FineSolveError naming the sample, its cell and its state on the
     failing rank, RuntimeError quoting it on the others. comm: default MPI.COMM_WORLD.
+    skip: images (C, n, n) of the drawn cells → bool (C,), True for cells not to solve
+    (e.g. known cells); the others keep their draw index as cell id and their states.
     """
     from tqdm.auto import tqdm
 
@@ -692,9 +700,15 @@ def generate(spec: DatasetSpec, *, comm: MPI.Comm | None = None, progress: bool 
     images, records = spec.family.draw(spec.n_cells, cell_seed)
     states = spec.sample_states(state_seed)
     k = spec.states_per_cell
-    first = spec.n_cells * comm.rank // comm.size
-    last = spec.n_cells * (comm.rank + 1) // comm.size
     r, d = spec.material.response_dim, spec.material.state_dim
+    solved = np.arange(spec.n_cells, dtype=np.int64)
+    if skip is not None:
+        solved = np.flatnonzero(~np.asarray(skip(images), dtype=bool).reshape(-1))
+        images, records = images[solved], [records[int(i)] for i in solved]
+        states = states.reshape(spec.n_cells, k, d)[solved].reshape(-1, d)
+    n_cells = solved.size
+    first = n_cells * comm.rank // comm.size
+    last = n_cells * (comm.rank + 1) // comm.size
     n_local = (last - first) * k
 
     def work() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -721,7 +735,7 @@ def generate(spec: DatasetSpec, *, comm: MPI.Comm | None = None, progress: bool 
                     raise FineSolveError(
                         g,
                         states[g],
-                        f"sample {g} (cell {c}: {records[c]}): {exc.reason}",
+                        f"sample {g} (cell {solved[c]}: {records[c]}): {exc.reason}",
                     ) from exc
                 response[lo : lo + k] = res.response
                 tangent[lo : lo + k] = res.tangent
@@ -737,13 +751,14 @@ def generate(spec: DatasetSpec, *, comm: MPI.Comm | None = None, progress: bool 
     iterations = _allgather_rows(comm, iterations)
     seconds = time.perf_counter() - t0
     max_solve = comm.allreduce(t_solve, op=MPI.MAX)
+    n_samples = n_cells * k
     _log.info(
         "generated %d samples (%d cells) in %.2f s on %d ranks (%.3g s per sample per rank)",
-        spec.n_samples,
-        spec.n_cells,
+        n_samples,
+        n_cells,
         seconds,
         comm.size,
-        max_solve * comm.size / max(spec.n_samples, 1),
+        max_solve * comm.size / max(n_samples, 1),
     )
     metadata = {
         "spec": spec.to_dict(),
@@ -755,13 +770,13 @@ def generate(spec: DatasetSpec, *, comm: MPI.Comm | None = None, progress: bool 
             "ranks": comm.size,
             "seconds": seconds,
             "solve_seconds_max_rank": max_solve,
-            "seconds_per_sample_per_rank": max_solve * comm.size / max(spec.n_samples, 1),
+            "seconds_per_sample_per_rank": max_solve * comm.size / max(n_samples, 1),
         },
     }
     return Dataset(
         images=images,
-        cell_ids=np.arange(spec.n_cells, dtype=np.int64),
-        cell_index=np.repeat(np.arange(spec.n_cells, dtype=np.int64), k),
+        cell_ids=solved,
+        cell_index=np.repeat(np.arange(n_cells, dtype=np.int64), k),
         states=states,
         response=response,
         tangent=tangent,

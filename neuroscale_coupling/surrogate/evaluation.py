@@ -83,7 +83,11 @@ from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.calibration import LEVELS_P, calibration_error, coverage
 from neuroscale_coupling.surrogate.config import GenerateConfig
 from neuroscale_coupling.surrogate.data import Dataset, generate, split, translation_groups
-from neuroscale_coupling.surrogate.metric_spread import by_generator, group_bootstrap
+from neuroscale_coupling.surrogate.metric_spread import (
+    HeldOutErrors,
+    by_generator,
+    group_bootstrap,
+)
 from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
 from neuroscale_coupling.symmetry import symmetry_order
 from neuroscale_coupling.translation import canonical_translation
@@ -184,15 +188,20 @@ def training_images(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | 
     return ids, images[[pos[int(c)] for c in ids]]
 
 
+def _known(images: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Mask (C,): images (C, n, n) equal to one of ``known`` (K, n, n) up to a periodic
+    translation (the same material; compared as canonical images)."""
+    if known.shape[1:] != images.shape[1:]:
+        return np.zeros(images.shape[0], dtype=bool)
+    seen = {im.astype(np.int8).tobytes() for im in canonical_translation(known)}
+    mine = canonical_translation(images).astype(np.int8)
+    return np.array([im.tobytes() in seen for im in mine], dtype=bool)
+
+
 def overlapping_cells(data: Dataset, images: np.ndarray) -> np.ndarray:
     """Cell ids of ``data`` whose image equals one of ``images`` (K, n, n) up to a periodic
     translation (the same material; compared as canonical images), sorted."""
-    if images.shape[1:] != data.images.shape[1:]:
-        return np.zeros(0, dtype=np.int64)
-    seen = {im.astype(np.int8).tobytes() for im in canonical_translation(images)}
-    mine = canonical_translation(data.images).astype(np.int8)
-    hit = [int(c) for c, im in zip(data.cell_ids, mine, strict=True) if im.tobytes() in seen]
-    return np.array(sorted(hit), dtype=np.int64)
+    return np.sort(data.cell_ids[_known(data.images, images)]).astype(np.int64)
 
 
 def fresh_data(
@@ -200,11 +209,12 @@ def fresh_data(
 ) -> tuple[Dataset, int]:
     """Held-out data drawn afresh from the model's recorded family (collective over comm).
 
-    n_cells cells and their states (the recorded states per cell and domain) from the
-    recorded ``data.generate`` table with ``seed``, solved by its fine solver; the cells
-    whose image equals a training or validation cell's up to a periodic translation are
-    dropped. Returns the data and the number of cells dropped. Raises ValueError when the
-    model file records no generate table or no cell is left."""
+    n_cells cells and their states (the recorded states per cell and domain) drawn from the
+    recorded ``data.generate`` table with ``seed``; the cells whose image equals a training
+    or validation cell's up to a periodic translation are dropped before the others are
+    solved by the recorded fine solver. Returns the data and the number of cells dropped.
+    Raises ValueError when the model file records no generate table, the training images
+    cannot be rebuilt, or no cell is left."""
     comm = MPI.COMM_WORLD if comm is None else comm
     data_cfg = dict(_train_config(meta).get("data") or {})
     gen = _generate_config(data_cfg)
@@ -216,21 +226,19 @@ def fresh_data(
     if int(n_cells) < 1:
         raise ValueError(f"fresh n_cells={n_cells} must be >= 1")
     spec = dataclasses.replace(gen.spec(), n_cells=int(n_cells), seed=int(seed))
-    data = generate(spec, comm=comm, progress=False)
     known = training_images(meta)
     if known is None:
         raise ValueError(
             "cannot rebuild the training images to drop them from the fresh cells: the "
             "training dataset file is gone"
         )
-    overlap = overlapping_cells(data, known[1])
-    keep = np.flatnonzero(~np.isin(data.cell_ids, overlap))
-    if keep.size == 0:
+    data = generate(spec, comm=comm, progress=False, skip=lambda ims: _known(ims, known[1]))
+    if data.n_cells == 0:
         raise ValueError(
-            f"all {data.n_cells} fresh cells (seed {seed}) are training/validation cells: "
+            f"all {spec.n_cells} fresh cells (seed {seed}) are training/validation cells: "
             "draw more cells or use another seed"
         )
-    return data.select_cells(keep), int(overlap.size)
+    return data, spec.n_cells - data.n_cells
 
 
 def _test_split(meta: Mapping[str, Any], comm: MPI.Comm) -> Dataset:
@@ -423,15 +431,18 @@ def compute_metrics(
         ),
     }
     symmetry = symmetry_order(data.images)[data.cell_index]
+    hits = None  # (L, N, r): |err| inside the level-p interval of the row's class
     if np.any(s > 0):
 
         def k(p: Sequence[float]) -> np.ndarray:
             return surrogate.model.interval_multipliers(p, symmetry)  # (L, N)
 
+        k_levels = k(levels)
+        hits = np.abs(eq)[None] <= k_levels[:, :, None] * s[None]
         cov = coverage(eq, s, CURVE_P, k(CURVE_P))
         c2 = coverage(eq, s, (0.68, 0.95), k((0.68, 0.95)))
         m.update(
-            calibration_error=calibration_error(eq, s, levels, k(levels)),
+            calibration_error=calibration_error(eq, s, levels, k_levels),
             coverage68=float(c2[0]),
             coverage95=float(c2[1]),
             calibration_curve={"nominal": list(CURVE_P), "empirical": cov.tolist()},
@@ -440,14 +451,11 @@ def compute_metrics(
         m.update(calibration_error=None, coverage68=None, coverage95=None, calibration_curve=None)
     # spread of the figures over the held-out microstructures, and per generator
     group = translation_groups(data.images)[data.cell_index]
-    hits = None
-    if np.any(s > 0):
-        hits = np.abs(eq)[None] <= k(levels)[:, :, None] * s[None]
-    parts = (eq, yq, et, yt, hits, levels, group)
+    errors = HeldOutErrors(eq, yq, et, yt, hits, levels, group)
     m["n_microstructures"] = int(group.max()) + 1 if group.size else 0
-    m["interval_5_95"] = group_bootstrap(*parts) if group.size else {}
+    m["interval_5_95"] = group_bootstrap(errors) if group.size else {}
     names = [str(c.get("generator", "unknown")) for c in data.cells] or ["unknown"] * data.n_cells
-    m["by_generator"] = by_generator(*parts, np.asarray(names, dtype=object)[data.cell_index])
+    m["by_generator"] = by_generator(errors, np.asarray(names, dtype=object)[data.cell_index])
     # attention: once per distinct image of the split
     model = surrogate.model
     p = model.state_scale
