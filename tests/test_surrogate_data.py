@@ -24,8 +24,10 @@ from neuroscale_coupling.surrogate.data import (
     StateDomain,
     WaveletNormalizer,
     generate,
+    pack_images,
     phase_values,
     split,
+    unpack_images,
 )
 
 THERMAL = ThermalMaterial(
@@ -260,6 +262,33 @@ def test_save_load_roundtrip_and_atomic(dataset, tmp_path, monkeypatch):
         dataset.save(path)
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("n_phases, bits", [(1, 1), (2, 1), (3, 2), (5, 3), (128, 7)])
+def test_images_are_packed_to_the_bits_of_their_phase_ids(n_phases, bits):
+    rng = np.random.default_rng(n_phases)
+    images = rng.integers(0, n_phases, size=(7, 5, 5)).astype(np.int8)
+    images[0, 0, 0] = n_phases - 1
+    packed, b = pack_images(images)
+    assert b == bits and packed.dtype == np.uint8 and packed.size == -(-bits * images.size // 8)
+    back = unpack_images(packed, b, images.shape)
+    assert back.dtype == np.int8
+    np.testing.assert_array_equal(back, images)
+    with pytest.raises(ValueError, match=r"0\.\.127"):
+        pack_images(np.array([[[-1, 0]]]))
+
+
+def test_dataset_files_hold_one_bit_a_voxel_and_version_1_still_loads(dataset):
+    import torch
+
+    payload = dataset.to_payload()
+    assert payload["format_version"] == 2 and payload["image_bits"] == 1
+    assert payload["images"].numel() == -(-dataset.images.size // 8)
+    old = {**payload, "format_version": 1, "images": torch.from_numpy(dataset.images.copy())}
+    for p in (payload, old):
+        np.testing.assert_array_equal(Dataset.from_payload(p).images, dataset.images)
+    with pytest.raises(ValueError, match=r"format version 3.*regenerate"):
+        Dataset.from_payload({**payload, "format_version": 3})
 
 
 def test_failed_solve_is_collective_and_named(comm):

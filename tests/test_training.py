@@ -328,6 +328,23 @@ def test_shipped_training_configs_are_valid(name):
     assert spec.material.physics == name and spec.n_samples >= 5000
 
 
+@pytest.mark.parametrize("name", ["thermal", "mechanical"])
+def test_shipped_models_are_small_and_were_trained_by_their_configs(name):
+    """A shipped model file stays a few MB (its training images are bit-packed) and
+    records the training config of examples/train, all its training cells among them."""
+    from neuroscale_coupling.models import shipped_model_path
+    from neuroscale_coupling.surrogate.config import GenerateConfig, load_config
+
+    path = shipped_model_path(name)
+    assert os.path.getsize(path) < 4e6
+    _, meta = load_model(path)
+    recorded = GenerateConfig(**meta["extra"]["train_config"]["data"]["generate"]).spec()
+    example = Path(__file__).resolve().parents[1] / "examples" / "train" / f"{name}.toml"
+    assert recorded == load_config(example).data.generate.spec()
+    train_ids = meta["extra"]["split_cells"]["train"]
+    assert meta["reference_obj"]["train"].n_cells == len(train_ids)
+
+
 def test_canonical_translation_in_training_and_split(dataset, tmp_path):
     """With ``canonical_translation`` the model's inputs are the canonical images in
     training and at inference: the trained model gives a translated cell bitwise the

@@ -70,18 +70,44 @@ __all__ = [
     "generate",
     "material_from_dict",
     "material_to_dict",
+    "pack_images",
     "phase_values",
     "plain_values",
     "split",
     "translation_groups",
+    "unpack_images",
 ]
 
 _log = get_logger(__name__)
 _FORMAT = "neuroscale-dataset"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: bit-packed images; version 1 (int8 images) is still read
+_READ_VERSIONS = (1, 2)
 
 
 # ---------------------------------------------------------------------------- helpers
+def pack_images(images: np.ndarray) -> tuple[np.ndarray, int]:
+    """Phase images (C, n, n), ids 0..127, as bit planes packed 8 voxels a byte.
+
+    Returns (packed (ceil(b·C·n·n / 8),) uint8, b) with b = bits of the largest phase id
+    (at least 1): a two-phase image costs one bit a voxel instead of a byte."""
+    im = np.asarray(images)
+    if im.size and (im.min() < 0 or im.max() > np.iinfo(np.int8).max):
+        raise ValueError(f"phase ids must lie in 0..127; got {im.min()}..{im.max()}")
+    bits = max(1, int(im.max()).bit_length()) if im.size else 1
+    planes = (im.astype(np.uint8)[None] >> np.arange(bits, dtype=np.uint8)[:, None, None, None]) & 1
+    return np.packbits(planes.reshape(-1)), bits
+
+
+def unpack_images(packed: np.ndarray, bits: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`pack_images`: int8 images of ``shape`` (C, n, n)."""
+    count = bits * int(np.prod(shape))
+    planes = np.unpackbits(np.asarray(packed, dtype=np.uint8), count=count)
+    planes = planes.reshape(bits, *shape).astype(np.int8)
+    return np.sum(planes << np.arange(bits, dtype=np.int8)[:, None, None, None], axis=0).astype(
+        np.int8
+    )
+
+
 def plain_values(value: Any) -> Any:
     """Convert to types ``torch.load(weights_only=True)`` and JSON accept."""
     if isinstance(value, Mapping):
@@ -604,17 +630,21 @@ class Dataset:
     # -------------------------------------------------------------- file I/O
     def to_payload(self) -> dict[str, Any]:
         """The dataset as a dict of tensors and plain values (what :meth:`save` writes;
-        also embedded in model files): ``format``, ``format_version``, tensors ``images``
-        … ``newton_iterations``, plain ``cells``/``metadata``."""
+        also embedded in model files): ``format``, ``format_version``, the images bit-packed
+        (``images`` uint8, ``image_shape``, ``image_bits``: :func:`pack_images`), tensors
+        ``cell_ids`` … ``newton_iterations``, plain ``cells``/``metadata``."""
         import torch
 
         def tensor(a: np.ndarray, dtype: Any) -> Any:
             return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
 
+        packed, bits = pack_images(self.images)
         return {
             "format": _FORMAT,
             "format_version": _FORMAT_VERSION,
-            "images": tensor(self.images, np.int8),
+            "images": tensor(packed, np.uint8),
+            "image_shape": [int(k) for k in self.images.shape],
+            "image_bits": bits,
             "cell_ids": tensor(self.cell_ids, np.int64),
             "cell_index": tensor(self.cell_index, np.int64),
             "states": tensor(self.states, np.float64),
@@ -630,13 +660,21 @@ class Dataset:
         """Rebuild a dataset from :meth:`to_payload`; ``where`` names the source in errors."""
         if not isinstance(payload, Mapping) or payload.get("format") != _FORMAT:
             raise ValueError(f"{where} is not a neuroscale dataset (no format={_FORMAT!r})")
-        if payload.get("format_version") != _FORMAT_VERSION:
+        version = payload.get("format_version")
+        if version not in _READ_VERSIONS:
             raise ValueError(
-                f"{where} has dataset format version {payload.get('format_version')}; this "
-                f"library reads version {_FORMAT_VERSION}: regenerate the dataset"
+                f"{where} has dataset format version {version}; this library reads versions "
+                f"{list(_READ_VERSIONS)}: regenerate the dataset"
             )
-        names = ("images", "cell_ids", "cell_index", "states", "response", "tangent")
-        arrays = {k: payload[k].numpy() for k in (*names, "newton_iterations")}
+        names = ("cell_ids", "cell_index", "states", "response", "tangent", "newton_iterations")
+        arrays = {k: payload[k].numpy() for k in names}
+        if version == 1:
+            arrays["images"] = payload["images"].numpy()
+        else:
+            shape = tuple(int(k) for k in payload["image_shape"])
+            arrays["images"] = unpack_images(
+                payload["images"].numpy(), int(payload["image_bits"]), shape
+            )
         return cls(**arrays, cells=list(payload["cells"]), metadata=dict(payload["metadata"]))
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -52,15 +52,18 @@ def correlation_descriptors(
     if not 0 <= r <= n // 2:
         raise ValueError(f"radius={radius} must lie in [0, n // 2] = [0, {n // 2}]")
     rows, cols = np.tril_indices(r + 1)
+    neg_rows, neg_cols = (-rows) % n, (-cols) % n
     parts = []
     for k in range(1, n_phases):
         chi = (im == k).astype(np.float64)
         s2 = np.fft.irfft2(np.abs(np.fft.rfft2(chi)) ** 2, s=(n, n)) / (n * n)
-        flip = np.roll(s2[:, ::-1, :], 1, axis=1)  # lag (r1, r2) -> (-r1, r2)
-        s2 = 0.25 * (s2 + flip + s2.transpose(0, 2, 1) + flip.transpose(0, 2, 1))
-        vf = s2[:, :1, 0]  # S2(0) = volume fraction, (N, 1)
+        # D4 mean at the kept lags only: (r1, r2), (-r1, r2), (r2, r1), (-r2, r1)
+        s2 = 0.25 * (
+            s2[:, rows, cols] + s2[:, neg_rows, cols] + s2[:, cols, rows] + s2[:, neg_cols, rows]
+        )
+        vf = s2[:, :1]  # S2(0) = volume fraction, (N, 1)
         var = vf * (1.0 - vf)
-        cov = (s2[:, rows[1:], cols[1:]] - vf**2) / np.where(var > 0, var, 1.0)
+        cov = (s2[:, 1:] - vf**2) / np.where(var > 0, var, 1.0)
         parts += [vf, cov]
     return np.concatenate(parts, axis=1)
 
