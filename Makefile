@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(MPIEXEC) -n 2 $(PY) benchmarks/fe2_speedup.py
 
 # Reproduce the shipped SANO models from scratch (data generation + training, CPU: about
-# 1.5 h thermal, 25 min mechanical on two cores; CUDA is used when present).
+# 1.5 h thermal, 50 min mechanical on two cores; CUDA is used when present).
 models: $(STAMP)
 	$(VENV)/bin/neuroscale train --config examples/train/thermal.toml
 	$(VENV)/bin/neuroscale train --config examples/train/mechanical.toml

@@ -15,6 +15,7 @@ __all__ = [
     "D4",
     "SYMMETRY_ORDERS",
     "response_matrix",
+    "response_orbits",
     "state_matrix",
     "symmetry_order",
     "transform_image",
@@ -97,6 +98,17 @@ def response_matrix(rotation: np.ndarray, physics: str) -> np.ndarray:
     if physics == "mechanical":
         return voigt_rotation(rotation)
     raise ValueError(f"unknown physics {physics!r}: choose 'thermal' or 'mechanical'")
+
+
+def response_orbits(physics: str) -> tuple[tuple[int, ...], ...]:
+    """The response components that the square's symmetries map onto one another (up to
+    sign), as index tuples: thermal ((0, 1),) (Q1 ↔ Q2), mechanical ((0, 1), (2,))
+    (Σ11 ↔ Σ22; Σ12 onto ±itself). A std that stays equivariant under these maps gives
+    the components of one orbit the same calibration."""
+    support = np.zeros(response_matrix(D4[0], physics).shape, dtype=bool)
+    for rotation in D4:
+        support |= np.abs(response_matrix(rotation, physics)) > 1e-12
+    return tuple(sorted({tuple(np.flatnonzero(row).tolist()) for row in support}))
 
 
 def transform_result(

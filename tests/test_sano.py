@@ -9,7 +9,13 @@ import torch
 
 from neuroscale_coupling.surrogate.calibration import LEVELS_P, gaussian_multipliers
 from neuroscale_coupling.surrogate.sano import SANO, SANOConfig, d4_average
-from neuroscale_coupling.symmetry import D4, response_matrix, state_matrix, transform_image
+from neuroscale_coupling.symmetry import (
+    D4,
+    response_matrix,
+    response_orbits,
+    state_matrix,
+    transform_image,
+)
 
 N_IMG, LEVELS = 16, 2
 
@@ -296,7 +302,7 @@ def test_symmetry_class_calibration():
     scaled = model.decode(latent, s, cells=cells, symmetry=order).std
     expected = base * torch.as_tensor(factor[[0, 3, 2]], dtype=base.dtype)[cells][:, None]
     torch.testing.assert_close(scaled, expected, rtol=1e-6, atol=0)
-    np.testing.assert_allclose(model.class_factor(order), factor[[0, 3, 2]])
+    np.testing.assert_allclose(model.class_factor(order), np.repeat(factor[[0, 3, 2], None], 3, 1))
     k = model.interval_multipliers((0.5, 0.95), order)
     assert k.shape == (2, 3)
     np.testing.assert_allclose(k[:, 0], 1.5 * model.interval_multipliers((0.5, 0.95)), rtol=1e-6)
@@ -326,6 +332,32 @@ def test_symmetry_class_calibration():
         model.decode(latent, s, cells=cells, symmetry=np.array([1, 8]))
     with pytest.raises(ValueError, match="class factors"):
         model.set_interval_multipliers(pooled, factor[:3], table)
+    # one factor per class and response component
+    per_component = np.outer(factor, [1.0, 2.0, 0.5])
+    model.set_interval_multipliers(pooled, per_component, table)
+    expected = base * torch.as_tensor(per_component[[0, 3, 2]], dtype=base.dtype)[cells]
+    scaled = model.decode(latent, s, cells=cells, symmetry=order).std
+    torch.testing.assert_close(scaled, expected, rtol=1e-6, atol=0)
+    # a file with one factor per class (every component) loads as such
+    state = model.state_dict()
+    state["class_std_factor"] = torch.as_tensor(factor, dtype=state["class_std_factor"].dtype)
+    clone.load_state_dict(state)
+    np.testing.assert_allclose(clone.class_factor(order), np.repeat(factor[[0, 3, 2], None], 3, 1))
+    with pytest.raises(ValueError, match="class factors"):
+        model.set_interval_multipliers(pooled, per_component[:, :2], table)
+
+
+@pytest.mark.parametrize(
+    ("physics", "orbits"), [("thermal", ((0, 1),)), ("mechanical", ((0, 1), (2,)))]
+)
+def test_response_orbits(physics, orbits):
+    """Components the square's symmetries map onto one another, up to sign."""
+    assert response_orbits(physics) == orbits
+    for rot in D4:
+        q = np.abs(response_matrix(rot, physics))
+        for orbit in orbits:
+            others = [j for j in range(q.shape[0]) if j not in orbit]
+            assert not q[np.ix_(others, list(orbit))].any()
 
 
 def _check_equivariant(fn, imgs, s, physics, rtol=1e-10):

@@ -185,7 +185,7 @@ def test_fit_calibration_heavy_tailed_errors():
 def test_fit_symmetry_classes_calibrates_each_class():
     """Two symmetry classes whose errors differ in size and shape: the pooled calibration
     covers neither at its levels; the per-class factors and multipliers cover fresh
-    errors of each; a class with few microstructures keeps the pooled calibration."""
+    errors of each; classes with few microstructures get the calibration of all classes."""
     rng = np.random.default_rng(5)
 
     def draw(n_micro, rows, order, size, heavy):
@@ -201,10 +201,15 @@ def test_fit_symmetry_classes_calibrates_each_class():
     err, order, group = both(400)
     std = np.ones_like(err)
     pooled = fit_calibration(err, np.zeros_like(err), std).multipliers
-    factor, table = fit_symmetry_classes(err, std, pooled, order, group)
-    assert factor[1] == factor[2] == 1.0 and np.array_equal(table[1], pooled)
-    assert factor[0] == pytest.approx(np.sqrt(3 * 4), rel=0.15)  # 2 × Student-t(3) RMS
-    assert factor[3] == pytest.approx(0.5, rel=0.05)
+    factor, table = fit_symmetry_classes(err, std, order, group)
+    assert factor.shape == (4, 2) and table.shape == (4, 19)
+    # orders 2 and 4 have no rows: the calibration of all classes together
+    every_factor, every_table = fit_symmetry_classes(err, std, np.ones_like(order), group)
+    np.testing.assert_array_equal(factor[1:3], every_factor[1:3])
+    np.testing.assert_array_equal(table[1:3], every_table[1:3])
+    # the size of each class shows in κ·k_p (a Gaussian of std 0.5: κ·k_0.7 = 0.5 z_0.7)
+    p70 = LEVELS_P.index(0.7)
+    assert factor[3, 0] * table[3, p70] == pytest.approx(0.5 * 1.0364, rel=0.05)
     fresh, fresh_order, _ = both(400)
     for row, value in ((0, 1), (3, 8)):
         rows = fresh_order == value
@@ -213,10 +218,43 @@ def test_fit_symmetry_classes_calibrates_each_class():
         assert calibration_error(fresh[rows], np.ones_like(e), multipliers=pooled) > 0.05
     # 5 microstructures per class: too few for their own quantiles
     err, order, group = both(5)
-    factor, table = fit_symmetry_classes(err, std[: err.shape[0]], pooled, order, group)
-    assert np.all(factor == 1.0) and np.all(table == pooled)
+    factor, table = fit_symmetry_classes(err, std[: err.shape[0]], order, group)
+    assert np.all(factor == factor[0]) and np.all(table == table[0])
     with pytest.raises(ValueError, match="symmetry orders"):
-        fit_symmetry_classes(err, std[: err.shape[0]], pooled, order + 2, group)
+        fit_symmetry_classes(err, std[: err.shape[0]], order + 2, group)
+    with pytest.raises(ValueError, match="whole orbit"):
+        fit_symmetry_classes(err * [1.0, 0.0], std[: err.shape[0]], order, group)
+
+
+def test_fit_symmetry_classes_calibrates_each_component():
+    """Components whose errors differ in shape as well as size (a Gaussian, and a
+    Student-t(3) a tenth as large, as the mechanical Σ11 and Σ12): one factor for both
+    leaves one component over- and the other under-covered; the factors per component
+    cover fresh errors of each. The components of an orbit share one factor."""
+    rng = np.random.default_rng(7)
+
+    def draw(n):
+        g = rng.normal(size=(n, 2))
+        return np.column_stack([g, 0.1 * rng.standard_t(3, size=n)])
+
+    err = draw(20000)
+    group = np.arange(err.shape[0]) // 20
+    order = np.full(err.shape[0], 8)
+    ones = np.ones_like(err)
+    factor, table = fit_symmetry_classes(err, ones, order, group)
+    fresh = draw(20000)
+    shared = fit_calibration(err, np.zeros_like(err), ones).multipliers
+    for j in range(3):
+        e = fresh[:, j]
+        assert calibration_error(e, np.full(e.size, factor[3, j]), multipliers=table[3]) < 0.02
+        assert calibration_error(e, np.ones(e.size), multipliers=shared) > 0.08
+    assert factor[3, 0] != factor[3, 1]  # fitted apart: sampling noise
+    tied, tied_table = fit_symmetry_classes(err, ones, order, group, ((0, 1), (2,)))
+    assert tied[3, 0] == tied[3, 1] and tied[3, 0] == pytest.approx(factor[3, 0], rel=0.05)
+    e = fresh[:, 2]
+    assert calibration_error(e, np.full(e.size, tied[3, 2]), multipliers=tied_table[3]) < 0.02
+    with pytest.raises(ValueError, match="partition"):
+        fit_symmetry_classes(err, ones, order, group, ((0, 1),))
 
 
 def test_fit_cell_error_head_recovers_log_linear_scale():

@@ -51,10 +51,11 @@ def test_shipped_mechanical_model_is_translation_invariant():
 
     sur = Surrogate.load(shipped_model_path("mechanical"))
     assert sur.model.config.canonical_translation
-    cell = ms.circular_inclusion(N, 0.37)
+    n = sur.model.config.image_size
+    cell = ms.circular_inclusion(n, 0.37)
     states = sur.domain.sample(16, seed=1)
-    base = sur.predict(np.broadcast_to(cell, (16, N, N)), states)
-    moved = sur.predict(np.broadcast_to(np.roll(cell, (5, 9), axis=(0, 1)), (16, N, N)), states)
+    base = sur.predict(np.broadcast_to(cell, (16, n, n)), states)
+    moved = sur.predict(np.broadcast_to(np.roll(cell, (5, 9), axis=(0, 1)), (16, n, n)), states)
     for a, b in zip(base, moved, strict=True):
         np.testing.assert_array_equal(a, b)
     assert sur.family_ratio(cell[None])[0] == sur.family_ratio(np.roll(cell, 7, axis=1)[None])[0]

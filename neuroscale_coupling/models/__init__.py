@@ -1,4 +1,4 @@
-"""Trained SANO models shipped with the package (one per physics, 2.2 MB thermal, 0.9 MB
+"""Trained SANO models shipped with the package (one per physics, 2.2 MB thermal, 1.2 MB
 mechanical).
 
 Each is reproduced from scratch by one command from a checkout (DOLFINx needed for the

@@ -2,7 +2,7 @@
 
 The std returned per point and component is
 
-    std = κ_class · √((s·spread)² + (c·τ(z))²)
+    std_j = κ_class,j · √((s·spread_j)² + (c·τ_j(z))²)     (response component j)
 
 * spread: the spread of the M fixed MC-dropout samples. It sees how the last decoder layer
   varies, which tracks the error from state to state within a cell.
@@ -27,10 +27,11 @@ The std returned per point and component is
   The errors are heavy-tailed relative to any smooth std model. On the thermal validation
   split a Gaussian shape covered 0.81 at the 95 % level. Then no (s, c) matches every level.
 * per symmetry class of the cell (:func:`fit_symmetry_classes`, Mondrian conformal
-  prediction): a std factor and multipliers for each class with enough validation
-  microstructures. The pooled calibration is exact on the validation mix of cells only:
-  on 500 fresh random-inclusion cells (thermal family, no symmetry) it gave a calibration
-  error of 0.064 (coverage 0.58 at 68 %), the per-class one 0.005.
+  prediction): std factors per response component and multipliers for each class with
+  enough validation microstructures. The pooled calibration is exact on the validation
+  mix of cells and components only: on 500 fresh random-inclusion cells (thermal family,
+  no symmetry) it gave a calibration error of 0.064 (coverage 0.58 at 68 %), the
+  per-class one 0.005.
 
 Calibration error = mean over nominal levels p = 0.05, 0.10, …, 0.95 (:data:`LEVELS_P`) of
 |coverage_p − p|, coverage_p the share of |err| ≤ k_p·std, all response components pooled
@@ -290,31 +291,81 @@ def fit_calibration(
     )
 
 
+def _coverage_error_of_factors(ratio: np.ndarray, factors: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Calibration error of one component's intervals ±κ·k_p·std for each factor κ.
+
+    ratio: (N,) |err|/std; factors: (F,) candidate κ; k: (19,) multipliers at LEVELS_P.
+    Returns (F,) mean over p of |share of ratio ≤ κ k_p − p|."""
+    z = np.sort(ratio)
+    share = np.searchsorted(z, factors[:, None] * k[None], side="right") / z.size  # (F, 19)
+    return np.mean(np.abs(share - np.asarray(LEVELS_P)), axis=1)
+
+
+def _component_calibration(
+    ratio: np.ndarray, orbits: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Std factors κ (r,), one per orbit of response components, and multipliers k_p
+    (19,) shared by the components, fitted on ratio (N, r) = |err| / std; None when an
+    orbit has no error to calibrate on.
+
+    κ starts RMS-consistent per orbit (mean of (ratio / κ)² = 1 over its components);
+    k_p are then the conformal quantiles of ratio / κ, components pooled, and each orbit's
+    κ is moved (factors 1/4 to 4 of it) to the value with the smallest calibration error
+    of its own components under those k_p. The components' errors differ in shape as well
+    as size, so RMS-consistency alone leaves one component over- and another
+    under-covered. Two rounds; the last k_p are refitted, so the pooled coverage is the
+    conformal one."""
+    kappa = np.ones(ratio.shape[1])
+    for orbit in orbits:
+        kappa[list(orbit)] = np.sqrt(np.mean(ratio[:, list(orbit)] ** 2))
+    if not np.all(kappa > 0):
+        return None
+    moves = np.geomspace(0.25, 4.0, 161)
+    for _ in range(2):
+        k = _conformal_quantiles((ratio / kappa).ravel(), LEVELS_P)
+        if not np.all(k > 0):
+            return None
+        for orbit in orbits:
+            candidates = kappa[orbit[0]] * moves
+            errors = _coverage_error_of_factors(ratio[:, list(orbit)].ravel(), candidates, k)
+            kappa[list(orbit)] = candidates[np.argmin(errors)]
+    k = _conformal_quantiles((ratio / kappa).ravel(), LEVELS_P)
+    return (kappa, k) if np.all(k > 0) else None
+
+
 def fit_symmetry_classes(
     err: np.ndarray,
     std: np.ndarray,
-    multipliers: np.ndarray,
     order: np.ndarray,
     group: np.ndarray,
+    orbits: Sequence[Sequence[int]] | None = None,
     *,
     min_microstructures: int = MIN_CLASS_MICROSTRUCTURES,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Calibration per symmetry class of the cell (Mondrian split conformal prediction).
+    """Calibration per symmetry class of the cell and per orbit of response components
+    (Mondrian split conformal prediction).
 
     The share of the error that the cell error scale τ explains differs between classes of
     cells. On the thermal family, the std pooled over the validation split covered the
     random-inclusion cells (no symmetry) 0.58 of the time at the 68 % level, and the
     square-symmetric inclusion cells more than nominal. A class is the cell's symmetry
     order (:func:`~neuroscale_coupling.symmetry.symmetry_order`), known from the image.
-    Per class c, a factor κ_c makes the std RMS-consistent on the class's validation
-    errors, and k_p,c are the conformal quantiles of |err| / (κ_c·std) there. A class with
-    fewer than ``min_microstructures`` distinct validation microstructures keeps κ = 1
-    and the pooled multipliers: its own quantiles would rest on too few independent
-    errors (the errors are mostly per microstructure).
+    It differs between components too: with one factor for all components, the
+    mechanical shear stress Σ12 was covered 0.84 of the time at the 95 % level and Σ11,
+    Σ22 0.99. Per class c, :func:`_component_calibration` fits a std factor κ_c,j per
+    orbit of components j and multipliers k_p,c on the class's validation errors. The
+    components of an orbit (:func:`~neuroscale_coupling.symmetry.response_orbits`: Q1
+    and Q2; Σ11 and Σ22) share their factor, so the std stays equivariant under the
+    square's symmetries (a rotated cell at the rotated state gets the rotated std). A
+    class with
+    fewer than ``min_microstructures`` distinct validation microstructures gets the
+    factors and multipliers fitted on every class together: its own would rest on too few
+    independent errors (the errors are mostly per microstructure).
 
-    err, std: (N, r) errors and pooled calibrated std; multipliers (19,) pooled k_p;
-    order, group: (N,) the row's symmetry order (1, 2, 4 or 8) and microstructure id.
-    Returns factor (4,) and multipliers (4, 19), rows in the order 1, 2, 4, 8.
+    err, std: (N, r) errors and pooled calibrated std; order, group: (N,) the row's
+    symmetry order (1, 2, 4 or 8) and microstructure id; orbits: index tuples that
+    partition range(r) (None: each component alone).
+    Returns factor (4, r) and multipliers (4, 19), rows in the order 1, 2, 4, 8.
     """
     from neuroscale_coupling.symmetry import SYMMETRY_ORDERS
 
@@ -322,7 +373,6 @@ def fit_symmetry_classes(
     sd = np.asarray(std, dtype=float)
     o = np.asarray(order).reshape(-1)
     g = np.asarray(group).reshape(-1)
-    k = np.asarray(multipliers, dtype=float).reshape(-1)
     if e.shape != sd.shape or e.ndim != 2 or o.shape != g.shape or o.size != e.shape[0]:
         raise ValueError(
             f"need err and std (N, r), order and group (N,); got {e.shape}, {sd.shape}, "
@@ -330,15 +380,24 @@ def fit_symmetry_classes(
         )
     if not set(np.unique(o).tolist()) <= set(SYMMETRY_ORDERS):
         raise ValueError(f"symmetry orders must be among {SYMMETRY_ORDERS}; got {np.unique(o)}")
-    factor = np.ones(len(SYMMETRY_ORDERS))
-    table = np.tile(k, (len(SYMMETRY_ORDERS), 1))
+    r = e.shape[1]
+    orbits = tuple((j,) for j in range(r)) if orbits is None else tuple(map(tuple, orbits))
+    if sorted(j for orbit in orbits for j in orbit) != list(range(r)):
+        raise ValueError(f"orbits {orbits} must partition the {r} response components")
+    ratio = e / sd
+    every = _component_calibration(ratio, orbits)
+    if every is None:
+        raise ValueError(
+            "the validation errors vanish for a whole orbit of response components or at "
+            "too many points to calibrate"
+        )
+    factor = np.tile(every[0], (len(SYMMETRY_ORDERS), 1))
+    table = np.tile(every[1], (len(SYMMETRY_ORDERS), 1))
     for i, value in enumerate(SYMMETRY_ORDERS):
         rows = o == value
         if np.unique(g[rows]).size < min_microstructures:
             continue
-        ratio = (e[rows] / sd[rows]).ravel()
-        kappa = float(np.sqrt(np.mean(ratio**2)))
-        kc = _conformal_quantiles(ratio / kappa, LEVELS_P)
-        if kappa > 0 and np.all(kc > 0):
-            factor[i], table[i] = kappa, kc
+        own = _component_calibration(ratio[rows], orbits)
+        if own is not None:
+            factor[i], table[i] = own
     return factor, table

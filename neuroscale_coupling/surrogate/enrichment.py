@@ -72,7 +72,7 @@ from neuroscale_coupling.surrogate.calibration import fit_calibration, fit_symme
 from neuroscale_coupling.surrogate.data import Dataset, translation_groups
 from neuroscale_coupling.surrogate.model_file import Surrogate
 from neuroscale_coupling.surrogate.sano import SANOPrediction
-from neuroscale_coupling.symmetry import symmetry_order
+from neuroscale_coupling.symmetry import response_orbits, symmetry_order
 
 __all__ = ["EnrichmentOptions", "OnlineEnrichment"]
 
@@ -519,9 +519,9 @@ class OnlineEnrichment:
             factor, table = fit_symmetry_classes(
                 err,
                 np.hypot(cal.scale * std, cal.floor * tau),
-                cal.multipliers,
                 symmetry_order(v.images)[v.cell_index],
                 translation_groups(v.images)[v.cell_index],
+                response_orbits(self.model.config.physics),
             )
             self.model.set_std_scale(cal.scale)
             self.model.set_std_floor(cal.floor * np.asarray(self._rscale, dtype=float))

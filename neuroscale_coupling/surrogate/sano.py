@@ -68,8 +68,8 @@ e · ‖response‖)²). The three terms are:
 The calibrated central interval of level p is ±k_p·std, k_p from the fitted table
 ``interval_table`` (:meth:`SANO.interval_multipliers`; the errors are not Gaussian).
 Per symmetry class of the cell (its :func:`~neuroscale_coupling.symmetry.symmetry_order`,
-passed as ``decode(symmetry=…)``), the std is multiplied by ``class_std_factor`` and the
-multipliers come from ``class_interval_table``
+passed as ``decode(symmetry=…)``), the std of response component j is multiplied by
+``class_std_factor[class, j]`` and the multipliers come from ``class_interval_table``
 (:func:`~neuroscale_coupling.surrogate.calibration.fit_symmetry_classes`). Without it,
 the pooled calibration applies.
 Buffers default to scale 1, floor 0, τ = 1, Gaussian k_p, class factors 1 and no family
@@ -868,9 +868,10 @@ class SANO(nn.Module):
         self.register_buffer("error_bias", torch.zeros(config.response_dim))
         gauss = torch.as_tensor(gaussian_multipliers(LEVELS_P), dtype=torch.float32)
         self.register_buffer("interval_table", gauss)
-        # Per symmetry class (rows: orders 1, 2, 4, 8): std factor and multipliers.
+        # Per symmetry class (rows: orders 1, 2, 4, 8): std factor per response component
+        # and multipliers.
         classes = len(SYMMETRY_ORDERS)
-        self.register_buffer("class_std_factor", torch.ones(classes))
+        self.register_buffer("class_std_factor", torch.ones(classes, config.response_dim))
         self.register_buffer("class_interval_table", gauss.repeat(classes, 1))
         # Training-family statistics of the latents (fit_family); scale 0 = not fitted.
         self.register_buffer("family_mean", torch.zeros(config.latent))
@@ -951,18 +952,21 @@ class SANO(nn.Module):
     ) -> None:
         """Multipliers k_p (19,) > 0 at :data:`~neuroscale_coupling.surrogate.calibration.
         LEVELS_P`: the level-p interval of a response component is ±k_p·std. Per symmetry
-        class (rows: orders 1, 2, 4, 8): std factors class_factor (4,) > 0 and multipliers
-        class_table (4, 19) (:func:`~neuroscale_coupling.surrogate.calibration.
-        fit_symmetry_classes`); None: factor 1 and the pooled table for every class."""
+        class (rows: orders 1, 2, 4, 8): std factors class_factor (4, r) > 0 per response
+        component ((4,): one factor for every component) and multipliers class_table
+        (4, 19) (:func:`~neuroscale_coupling.surrogate.calibration.fit_symmetry_classes`);
+        None: factor 1 and the pooled table for every class."""
         interval_multipliers(0.5, table)  # validates
         k = np.asarray(table, dtype=float)
-        classes = len(SYMMETRY_ORDERS)
-        factor = np.ones(classes) if class_factor is None else np.asarray(class_factor, float)
+        classes, r = self.class_std_factor.shape
+        factor = np.ones((classes, r)) if class_factor is None else np.asarray(class_factor, float)
+        if factor.shape == (classes,):
+            factor = np.repeat(factor[:, None], r, axis=1)
         rows = np.tile(k, (classes, 1)) if class_table is None else np.asarray(class_table, float)
-        if factor.shape != (classes,) or np.any(~(factor > 0)) or rows.shape != (classes, k.size):
+        if factor.shape != (classes, r) or np.any(~(factor > 0)) or rows.shape != (classes, k.size):
             raise ValueError(
-                f"class factors must be ({classes},) > 0 and the class table ({classes}, "
-                f"{k.size}); got {factor.shape}, {rows.shape}"
+                f"class factors must be ({classes}, {r}) or ({classes},), all > 0, and the "
+                f"class table ({classes}, {k.size}); got {factor.shape}, {rows.shape}"
             )
         for row in rows:
             interval_multipliers(0.5, row)  # validates
@@ -971,7 +975,7 @@ class SANO(nn.Module):
         self.class_interval_table.copy_(torch.as_tensor(rows))
 
     def class_factor(self, symmetry: Any) -> np.ndarray:
-        """Std factors (B,) of the symmetry classes of cells of symmetry orders (B,)."""
+        """Std factors (B, r) of the symmetry classes of cells of symmetry orders (B,)."""
         return self.class_std_factor.double().cpu().numpy()[_symmetry_class(symmetry)]
 
     def interval_multipliers(self, p: float | Sequence[float], symmetry: Any = None) -> np.ndarray:
@@ -1013,7 +1017,7 @@ class SANO(nn.Module):
         """As torch's, accepting states saved before the calibration floor, the family
         statistics, the cell error head, the interval table and the symmetry classes
         existed (their defaults: floor 0, no family, τ = 1, Gaussian intervals, the pooled
-        calibration for every class)."""
+        calibration for every class), and one class std factor for every component."""
         state = dict(state_dict)
         for name in ("std_floor", "family_mean", "family_precision", "family_scale"):
             state.setdefault(name, getattr(self, name).clone())
@@ -1023,6 +1027,10 @@ class SANO(nn.Module):
         gauss = gaussian_multipliers(LEVELS_P)
         state.setdefault("interval_table", self.interval_table.new_tensor(gauss))
         state.setdefault("class_std_factor", torch.ones_like(self.class_std_factor))
+        if state["class_std_factor"].ndim == 1:  # one factor per class, every component
+            state["class_std_factor"] = (
+                state["class_std_factor"][:, None].expand_as(self.class_std_factor).clone()
+            )
         state.setdefault(
             "class_interval_table",
             state["interval_table"].repeat(len(SYMMETRY_ORDERS), 1),
@@ -1177,7 +1185,7 @@ class SANO(nn.Module):
         elif latent.shape[0] == 1:
             latent = latent.expand(n, -1)
             family = None if family is None else family.expand(n)
-            factor = None if factor is None else factor.expand(n)
+            factor = None if factor is None else factor.expand(n, -1)
         if latent.shape[0] != n:
             raise ValueError(
                 f"latent has {latent.shape[0]} rows for {n} states: pass cells=(N,) indices"
@@ -1231,7 +1239,7 @@ class SANO(nn.Module):
         tau = self.cell_error_scale(latent)
         std = torch.sqrt((std * self.std_scale) ** 2 + (self.std_floor * tau) ** 2)
         if factor is not None:
-            std = std * factor[:, None]
+            std = std * factor
         fitted = float(self.family_scale) > 0
         if (fitted or family is not None) and float(self.family_gain) > 0:
             ratio = self.family_ratio(latent)

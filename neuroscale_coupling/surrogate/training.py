@@ -52,8 +52,9 @@ distinct images; none, τ = 1, when the split holds one distinct image), and
 gives the scale s, the floor c and the interval multipliers k_p from the errors, the raw
 spread and the out-of-fold τ: ``set_std_scale(s)``, ``set_std_floor(c × per-component
 response RMS)``. Per symmetry class of the validation cells
-(:func:`~neuroscale_coupling.surrogate.calibration.fit_symmetry_classes`) a std factor and
-multipliers follow: ``set_interval_multipliers(k, class factors, class table)``.
+(:func:`~neuroscale_coupling.surrogate.calibration.fit_symmetry_classes`) std factors per
+response component and multipliers follow: ``set_interval_multipliers(k, class factors,
+class table)``.
 Calibration needs no dropout: without spread, τ carries the std alone.
 
 **MPI.** :func:`train` with a communicator: dataset generation is collective; every rank
@@ -98,6 +99,7 @@ from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
 from neuroscale_coupling.symmetry import (
     D4,
     response_matrix,
+    response_orbits,
     state_matrix,
     symmetry_order,
     transform_image,
@@ -471,12 +473,12 @@ class _Trainer:
         pooled = np.hypot(cal.scale * spread, cal.floor * tau)
         order = symmetry_order(self.val.images)
         factor, table = fit_symmetry_classes(
-            err, pooled, cal.multipliers, order[cells], groups[cells]
+            err, pooled, order[cells], groups[cells], response_orbits(model.config.physics)
         )
         model.set_std_scale(cal.scale)
         model.set_std_floor(cal.floor * np.asarray(self.norm.response_scale, dtype=float))
         model.set_interval_multipliers(cal.multipliers, factor, table)
-        calibrated = pooled * model.class_factor(order[cells])[:, None]
+        calibrated = pooled * model.class_factor(order[cells])
         k_rows = model.interval_multipliers(LEVELS_P, order[cells])
         k_68_95 = model.interval_multipliers((0.68, 0.95), order[cells])
         cov_b = coverage(err, before, (0.68, 0.95))
