@@ -247,8 +247,10 @@ def evaluate(args: argparse.Namespace) -> int:
         comps = ", ".join(f"{k} {_fmt(v)}" for k, v in m["rel_l2_response_components"].items())
         print(f"  rel_l2_response = {_fmt(m['rel_l2_response'])} ({comps})")
         print(f"  rel_l2_tangent = {_fmt(m['rel_l2_tangent'])}")
+        per = m["calibration_error_components"] or {}
+        comps = f" ({', '.join(f'{k} {_fmt(v)}' for k, v in per.items())})" if per else ""
         print(
-            f"  calibration_error = {_fmt(m['calibration_error'])}, coverage68 = "
+            f"  calibration_error = {_fmt(m['calibration_error'])}{comps}, coverage68 = "
             f"{_fmt(m['coverage68'])}, coverage95 = {_fmt(m['coverage95'])}"
         )
         spread = ", ".join(

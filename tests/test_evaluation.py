@@ -129,6 +129,11 @@ def test_metrics_on_test_split_match_numpy(trained, tmp_path):
     cov = np.array([np.mean(np.abs(eq) <= k[:, None] * s) for k in k_rows])
     assert m["calibration_error"] == pytest.approx(np.mean(np.abs(cov - levels)), abs=1e-12)
     assert 0 <= m["calibration_error"] <= 0.5
+    for j, name in enumerate(m["response_names"]):
+        cov_j = np.array([np.mean(np.abs(eq[:, j]) <= k * s[:, j]) for k in k_rows])
+        assert m["calibration_error_components"][name] == pytest.approx(
+            np.mean(np.abs(cov_j - levels)), abs=1e-12
+        )
     assert m["coverage95"] == pytest.approx(np.mean(np.abs(eq) <= k_rows[-1][:, None] * s))
     assert m["std_scale"] == pytest.approx(meta["std_scale"])
     # spread over the distinct test microstructures, and the per-generator figures

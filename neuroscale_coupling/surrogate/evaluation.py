@@ -47,7 +47,8 @@ reference are ``null``):
   (calibrated std and multipliers of the cell's symmetry class,
   :meth:`SANO.interval_multipliers`; Gaussian z_p for a model without a fitted table), all
   components pooled
-  (:func:`calibration.calibration_error`);
+  (:func:`calibration.calibration_error`), and per component
+  (``calibration_error_components`` by response name);
   ``coverage68``, ``coverage95``; ``calibration_curve`` {nominal, empirical}. ``null``
   when the model has no spread (dropout = 0).
 * ``n_microstructures``: distinct cell images up to periodic translation;
@@ -441,14 +442,22 @@ def compute_metrics(
         hits = np.abs(eq)[None] <= k_levels[:, :, None] * s[None]
         cov = coverage(eq, s, CURVE_P, k(CURVE_P))
         c2 = coverage(eq, s, (0.68, 0.95), k((0.68, 0.95)))
+        per_component = np.abs(hits.mean(axis=1) - np.asarray(levels)[:, None]).mean(axis=0)
         m.update(
             calibration_error=calibration_error(eq, s, levels, k_levels),
+            calibration_error_components=dict(zip(rn, per_component.tolist(), strict=True)),
             coverage68=float(c2[0]),
             coverage95=float(c2[1]),
             calibration_curve={"nominal": list(CURVE_P), "empirical": cov.tolist()},
         )
     else:
-        m.update(calibration_error=None, coverage68=None, coverage95=None, calibration_curve=None)
+        m.update(
+            calibration_error=None,
+            calibration_error_components=None,
+            coverage68=None,
+            coverage95=None,
+            calibration_curve=None,
+        )
     # spread of the figures over the held-out microstructures, and per generator
     group = translation_groups(data.images)[data.cell_index]
     errors = HeldOutErrors(eq, yq, et, yt, hits, levels, group)
