@@ -357,10 +357,9 @@ def fit_symmetry_classes(
     components of an orbit (:func:`~neuroscale_coupling.symmetry.response_orbits`: Q1
     and Q2; Σ11 and Σ22) share their factor, so the std stays equivariant under the
     square's symmetries (a rotated cell at the rotated state gets the rotated std). A
-    class with
-    fewer than ``min_microstructures`` distinct validation microstructures gets the
-    factors and multipliers fitted on every class together: its own would rest on too few
-    independent errors (the errors are mostly per microstructure).
+    class with fewer than ``min_microstructures`` distinct validation microstructures gets
+    the factors and multipliers fitted on every class together: its own would rest on too
+    few independent errors (the errors are mostly per microstructure).
 
     err, std: (N, r) errors and pooled calibrated std; order, group: (N,) the row's
     symmetry order (1, 2, 4 or 8) and microstructure id; orbits: index tuples that
