@@ -32,6 +32,7 @@ from neuroscale_coupling.surrogate.config import TrainConfig
 from neuroscale_coupling.surrogate.data import generate, split
 from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
 from neuroscale_coupling.surrogate.training import train
+from neuroscale_coupling.symmetry import response_orbits
 
 RANK = MPI.COMM_WORLD.rank
 TRAINING = {"batch_size": 32, "lr": 1e-2, "progress": False, "patience": 0, "seed": 3}
@@ -375,7 +376,11 @@ def test_shipped_models_are_small_and_were_trained_by_their_configs(name):
 
     path = shipped_model_path(name)
     assert os.path.getsize(path) < 4e6
-    _, meta = load_model(path)
+    model, meta = load_model(path)
+    # the std factors of components that the square's symmetries exchange are equal
+    factor = model.class_std_factor.double().numpy()  # (4 classes, r)
+    for orbit in response_orbits(name):
+        np.testing.assert_array_equal(factor[:, list(orbit)], factor[:, [orbit[0]] * len(orbit)])
     recorded = GenerateConfig(**meta["extra"]["train_config"]["data"]["generate"]).spec()
     example = Path(__file__).resolve().parents[1] / "examples" / "train" / f"{name}.toml"
     assert recorded == load_config(example).data.generate.spec()

@@ -53,8 +53,9 @@ gives the scale s, the floor c and the interval multipliers k_p from the errors,
 spread and the out-of-fold τ: ``set_std_scale(s)``, ``set_std_floor(c × per-component
 response RMS)``. Per symmetry class of the validation cells
 (:func:`~neuroscale_coupling.surrogate.calibration.fit_symmetry_classes`) std factors per
-response component and multipliers follow: ``set_interval_multipliers(k, class factors,
-class table)``.
+orbit of response components under the square's symmetries
+(:func:`~neuroscale_coupling.symmetry.response_orbits`) and multipliers follow:
+``set_interval_multipliers(k, class factors, class table)``.
 Calibration needs no dropout: without spread, τ carries the std alone.
 
 **MPI.** :func:`train` with a communicator: dataset generation is collective; every rank
