@@ -1,6 +1,6 @@
 """SANO ablation (issue 4): the same data and training budget for four encoders.
 
-Variants (decoders identical, see ``neuroscale_coupling.surrogate.sano`` module doc):
+Variants (decoders identical, see ``neuroscale_coupling.surrogate.model`` module doc):
 
 * ``sano``: wavelet tokens + scale-adaptive attention (the shipped thermal model's
   ``[model]`` table in examples/train/thermal.toml);
@@ -28,17 +28,18 @@ from pathlib import Path
 import dolfinx_solver  # noqa: F401  (must precede dolfinx/petsc4py)
 import torch
 
-from neuroscale_coupling.surrogate.config import (
+from neuroscale_coupling.data.generate import generate
+from neuroscale_coupling.data.split import split
+from neuroscale_coupling.surrogate.model_file import Surrogate
+from neuroscale_coupling.training.config import (
     DataConfig,
     GenerateConfig,
     OutputConfig,
     TrainConfig,
     TrainingOptions,
 )
-from neuroscale_coupling.surrogate.data import generate, split
-from neuroscale_coupling.surrogate.evaluation import compute_metrics
-from neuroscale_coupling.surrogate.model_file import Surrogate
-from neuroscale_coupling.surrogate.training import train
+from neuroscale_coupling.training.evaluate import compute_metrics
+from neuroscale_coupling.training.train import train
 
 VARIANTS = {
     "sano": {},

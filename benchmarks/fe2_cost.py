@@ -11,6 +11,7 @@ closure seconds, their ratio, and the closure seconds per quadrature point::
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 from mpi4py import MPI
@@ -18,6 +19,9 @@ from mpi4py import MPI
 
 def _example():
     path = Path(__file__).resolve().parents[1] / "examples" / "fe2_thermal.py"
+    # the examples import their shared harness, examples/run_options.py, as a sibling
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("fe2_thermal", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

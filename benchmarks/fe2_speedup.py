@@ -18,6 +18,7 @@ Targets (issue 5): ratio ≥ 50, macro field within 1 %, response within 2 %.
 
 import argparse
 import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from mpi4py import MPI
 
 def _example(name):
     path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    # the examples import their shared harness, examples/run_options.py, as a sibling
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -13,10 +13,10 @@ import time
 import numpy as np
 import torch
 
+from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase, equino_material
+from neuroscale_coupling.cell.microstructure import random_inclusions
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.fine.spectral import SpectralSolver
-from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase, equino_material
-from neuroscale_coupling.microstructure import random_inclusions
 
 CASES = {
     "thermal": (

@@ -22,7 +22,7 @@ Fields (XDMF) and ``summary.json`` go to ``--output``; the summary reports the v
 displacement of the top-right corner at every step.
 
 With ``--dns 2 4 8`` the same problem is also solved by direct numerical simulation
-resolving every cell (:class:`neuroscale_coupling.dns.MechanicalDNS`). The period is
+resolving every cell (:class:`neuroscale_coupling.hosts.dolfinx.dns.MechanicalDNS`). The period is
 ε = 48/INV_EPS in physical coordinates, the same in x1 and x2 (INV_EPS periods across the
 membrane's width; the cells are squares of the undeformed body, as the FE² quadrature
 points assume), starting at the origin (0, 0), the lower end of the clamped edge. The
@@ -58,24 +58,21 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401
 # isort: split
 import ufl
 from dolfinx import fem, mesh
+from run_options import add_closure_arguments, closure_settings, solve_and_compare
 
-from neuroscale_coupling.closure import Closure, ExactClosure
-from neuroscale_coupling.comparison import format_summary
-from neuroscale_coupling.coupling import TwoScaleDriver
-from neuroscale_coupling.dns import MechanicalDNS
+from neuroscale_coupling.cell.materials import equino_material
+from neuroscale_coupling.cell.microstructure import centre_and_corner_fibres
+from neuroscale_coupling.closure.contract import Closure
+from neuroscale_coupling.closure.enrichment import EnrichmentOptions
+from neuroscale_coupling.closure.exact import ExactClosure
+from neuroscale_coupling.closure.fallback import FallbackPolicy
+from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
 from neuroscale_coupling.fine import make_solver
-from neuroscale_coupling.hosts.dolfinx_host import MacroQuadrature, MechanicalFE2Problem
+from neuroscale_coupling.hosts.dolfinx.comparison import format_summary
+from neuroscale_coupling.hosts.dolfinx.dns import MechanicalDNS
+from neuroscale_coupling.hosts.dolfinx.driver import TwoScaleDriver
+from neuroscale_coupling.hosts.dolfinx.problems import MacroQuadrature, MechanicalFE2Problem
 from neuroscale_coupling.io import write_json_atomic
-from neuroscale_coupling.materials import equino_material
-from neuroscale_coupling.microstructure import centre_and_corner_fibres
-from neuroscale_coupling.run_options import (
-    add_closure_arguments,
-    closure_settings,
-    solve_and_compare,
-)
-from neuroscale_coupling.surrogate.closure import SurrogateClosure
-from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions
-from neuroscale_coupling.surrogate.fallback import FallbackPolicy
 from neuroscale_coupling.surrogate.model_file import Surrogate
 
 MATERIAL = equino_material()

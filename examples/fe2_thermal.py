@@ -41,24 +41,21 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401
 # isort: split
 import ufl
 from dolfinx import fem, mesh
+from run_options import add_closure_arguments, closure_settings, solve_and_compare
 
-from neuroscale_coupling.closure import Closure, ExactClosure
-from neuroscale_coupling.comparison import format_summary
-from neuroscale_coupling.coupling import TwoScaleDriver
-from neuroscale_coupling.dns import ThermalDNS
+from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase
+from neuroscale_coupling.cell.microstructure import circular_inclusion
+from neuroscale_coupling.closure.contract import Closure
+from neuroscale_coupling.closure.enrichment import EnrichmentOptions
+from neuroscale_coupling.closure.exact import ExactClosure
+from neuroscale_coupling.closure.fallback import FallbackPolicy
+from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
 from neuroscale_coupling.fine import make_solver
-from neuroscale_coupling.hosts.dolfinx_host import MacroQuadrature, ThermalFE2Problem
+from neuroscale_coupling.hosts.dolfinx.comparison import format_summary
+from neuroscale_coupling.hosts.dolfinx.dns import ThermalDNS
+from neuroscale_coupling.hosts.dolfinx.driver import TwoScaleDriver
+from neuroscale_coupling.hosts.dolfinx.problems import MacroQuadrature, ThermalFE2Problem
 from neuroscale_coupling.io import write_json_atomic
-from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase
-from neuroscale_coupling.microstructure import circular_inclusion
-from neuroscale_coupling.run_options import (
-    add_closure_arguments,
-    closure_settings,
-    solve_and_compare,
-)
-from neuroscale_coupling.surrogate.closure import SurrogateClosure
-from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions
-from neuroscale_coupling.surrogate.fallback import FallbackPolicy
 from neuroscale_coupling.surrogate.model_file import Surrogate
 
 MATERIAL = ThermalMaterial(phases=(ThermalPhase(1.0, 0.5, 0.2), ThermalPhase(10.0, 0.2, 0.05)))

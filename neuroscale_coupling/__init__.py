@@ -5,8 +5,7 @@ modules that need them (``neuroscale_coupling.fine.spectral`` and
 ``neuroscale_coupling.fine.fem``).
 """
 
-from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver, Homogenized
-from neuroscale_coupling.materials import (
+from neuroscale_coupling.cell.materials import (
     EQUINO_FIBRE,
     EQUINO_MATRIX,
     MechanicalMaterial,
@@ -14,6 +13,7 @@ from neuroscale_coupling.materials import (
     ThermalMaterial,
     ThermalPhase,
 )
+from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver, Homogenized
 
 __version__ = "0.1.0"
 

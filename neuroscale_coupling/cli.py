@@ -7,7 +7,7 @@ macro states and prints the homogenized response and its consistent tangent::
         --physics thermal --phase k0=1,beta=0.5 --phase k0=10 --state 1,0.5,0.2 --solver fem
 
 ``neuroscale train --config FILE.toml [--resume]`` trains a SANO surrogate as the TOML file
-says (see :mod:`neuroscale_coupling.surrogate.config`), prints progress and the final
+says (see :mod:`neuroscale_coupling.training.config`), prints progress and the final
 validation metrics, and writes the model file.
 
 ``neuroscale evaluate MODEL [--dataset PATH | --fresh N [--seed S]] [--output DIR]
@@ -21,7 +21,7 @@ relative L2 errors of response and tangent, calibration error and coverage, thei
 range over the distinct microstructures, the same figures per generator, and the mean
 attention per scale, and writes ``metrics.json``, ``parity.png``,
 ``calibration.png`` and ``attention.png`` to DIR (default ``MODEL_STEM_evaluation`` next to
-the model); see :mod:`neuroscale_coupling.surrogate.evaluation`.
+the model); see :mod:`neuroscale_coupling.training.evaluate`.
 """
 
 import argparse
@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 
 from neuroscale_coupling import __version__
-from neuroscale_coupling.log import configure, get_logger
-from neuroscale_coupling.materials import (
+from neuroscale_coupling.cell.materials import (
     EQUINO_FIBRE,
     EQUINO_MATRIX,
     Material,
@@ -45,7 +44,13 @@ from neuroscale_coupling.materials import (
     ThermalMaterial,
     ThermalPhase,
 )
-from neuroscale_coupling.microstructure import GENERATORS, from_array, make_cell, phase_fractions
+from neuroscale_coupling.cell.microstructure import (
+    GENERATORS,
+    from_array,
+    make_cell,
+    phase_fractions,
+)
+from neuroscale_coupling.log import configure, get_logger
 
 __all__ = ["main"]
 
@@ -185,8 +190,8 @@ def train(args: argparse.Namespace) -> int:
     """Run ``neuroscale train``; returns the exit status (collective under MPI)."""
     from mpi4py import MPI
 
-    from neuroscale_coupling.surrogate.config import load_config
-    from neuroscale_coupling.surrogate.training import train as run_training
+    from neuroscale_coupling.training.config import load_config
+    from neuroscale_coupling.training.train import train as run_training
 
     comm = MPI.COMM_WORLD
     cfg = load_config(args.config)
@@ -213,7 +218,7 @@ def evaluate(args: argparse.Namespace) -> int:
     """Run ``neuroscale evaluate``; returns the exit status (collective under MPI)."""
     from mpi4py import MPI
 
-    from neuroscale_coupling.surrogate.evaluation import evaluate_model
+    from neuroscale_coupling.training.evaluate import evaluate_model
 
     comm = MPI.COMM_WORLD
     model = Path(args.model)
@@ -321,7 +326,7 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a SANO surrogate from a TOML config",
         description="Generate or load a dataset, train and calibrate a SANO surrogate, "
-        "and write the model file (see neuroscale_coupling.surrogate.config and .training).",
+        "and write the model file (see neuroscale_coupling.training.config and .training).",
     )
     t.add_argument("--config", type=Path, required=True, help="TOML training config")
     t.add_argument(
@@ -333,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate a SANO model on held-out microstructures",
         description="Metrics (MSE, relative L2 of response and tangent, calibration, "
         "attention per scale), parity and calibration plots on held-out cells (see "
-        "neuroscale_coupling.surrogate.evaluation).",
+        "neuroscale_coupling.training.evaluate).",
     )
     e.add_argument("model", type=Path, help="model file written by neuroscale train")
     e.add_argument(

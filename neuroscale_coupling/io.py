@@ -9,7 +9,7 @@ call them on one rank.
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,3 +55,25 @@ def torch_save_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> 
     import torch
 
     atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def plain_values(value: Any) -> Any:
+    """Convert to types ``torch.load(weights_only=True)`` and JSON accept."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_values(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain_values(value.tolist())
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value)
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(
+        f"value {value!r} of type {type(value).__name__} cannot be stored in dataset "
+        "metadata: use numbers, strings, lists or dicts of them (e.g. dtype='float32')"
+    )

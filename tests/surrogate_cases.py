@@ -33,10 +33,10 @@ def tiny_surrogate(folder):
     COMM_SELF (bitwise the same model on every rank); its file goes to ``folder``."""
     from mpi4py import MPI
 
-    from neuroscale_coupling.surrogate.config import TrainConfig
-    from neuroscale_coupling.surrogate.data import generate
+    from neuroscale_coupling.data.generate import generate
     from neuroscale_coupling.surrogate.model_file import Surrogate
-    from neuroscale_coupling.surrogate.training import train
+    from neuroscale_coupling.training.config import TrainConfig
+    from neuroscale_coupling.training.train import train
 
     cfg = TrainConfig.from_dict(
         {

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from neuroscale_coupling.closure import ExactClosure, as_states
+from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase
+from neuroscale_coupling.cell.microstructure import circular_inclusion
+from neuroscale_coupling.closure.contract import as_states
+from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.fine.protocol import FineSolveError
 from neuroscale_coupling.fine.spectral import SpectralSolver
-from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase
-from neuroscale_coupling.microstructure import circular_inclusion
 from neuroscale_coupling.parallel import BlockPlan, collective_call, gather, scatter
 
 MAT = ThermalMaterial(phases=(ThermalPhase(1.0, 0.2, 0.5), ThermalPhase(10.0, 0.1, 0.2)))

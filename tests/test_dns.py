@@ -12,16 +12,21 @@ from dolfinx import fem, mesh
 from dolfinx.fem.petsc import LinearProblem
 from mpi4py import MPI
 
-from neuroscale_coupling import microstructure as ms
-from neuroscale_coupling.analytic import laminate_exact
-from neuroscale_coupling.dns import MechanicalDNS, ThermalDNS, cell_phases, gather_dof_values
-from neuroscale_coupling.materials import (
+from neuroscale_coupling.cell import microstructure as ms
+from neuroscale_coupling.cell.materials import (
     MechanicalMaterial,
     ThermalMaterial,
     ThermalPhase,
     equino_material,
 )
-from neuroscale_coupling.ufl_laws import thermal_flux
+from neuroscale_coupling.cell.ufl_laws import thermal_flux
+from neuroscale_coupling.fine.analytic import laminate_exact
+from neuroscale_coupling.hosts.dolfinx.dns import (
+    MechanicalDNS,
+    ThermalDNS,
+    cell_phases,
+    gather_dof_values,
+)
 
 NONLINEAR = ThermalPhase(k0=2.0, alpha=0.3, beta=0.5)
 #: Two equal phases: any image gives the homogeneous material.

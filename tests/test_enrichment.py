@@ -18,10 +18,10 @@ pytest.importorskip("dolfinx_solver")
 
 from surrogate_cases import GENERATE, tiny_surrogate
 
-from neuroscale_coupling.surrogate.config import GenerateConfig
-from neuroscale_coupling.surrogate.data import generate
-from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions, OnlineEnrichment
+from neuroscale_coupling.closure.enrichment import EnrichmentOptions, OnlineEnrichment
+from neuroscale_coupling.data.generate import generate
 from neuroscale_coupling.surrogate.model_file import Surrogate
+from neuroscale_coupling.training.config import GenerateConfig
 
 COMM = MPI.COMM_WORLD
 RANK = COMM.rank

@@ -15,20 +15,21 @@ pytest.importorskip("matplotlib")
 
 from surrogate_cases import GENERATE, TINY_MODEL
 
+from neuroscale_coupling.cell.symmetry import symmetry_order
+from neuroscale_coupling.cell.translation import canonical_translation
 from neuroscale_coupling.cli import main
+from neuroscale_coupling.data.generate import generate
+from neuroscale_coupling.data.split import split, translation_groups
 from neuroscale_coupling.surrogate.calibration import gaussian_multipliers
-from neuroscale_coupling.surrogate.config import GenerateConfig, TrainConfig
-from neuroscale_coupling.surrogate.data import generate, split, translation_groups
-from neuroscale_coupling.surrogate.evaluation import (
+from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
+from neuroscale_coupling.training.config import GenerateConfig, TrainConfig
+from neuroscale_coupling.training.evaluate import (
     _with_config_paths,
     evaluate_model,
     fresh_data,
     training_images,
 )
-from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
-from neuroscale_coupling.surrogate.training import train
-from neuroscale_coupling.symmetry import symmetry_order
-from neuroscale_coupling.translation import canonical_translation
+from neuroscale_coupling.training.train import train
 
 RANK = MPI.COMM_WORLD.rank
 # fresh held-out cells: another generator and seed, same material, resolution and domain

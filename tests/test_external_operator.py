@@ -27,9 +27,11 @@ from dolfinx_external_operator import (
     replace_external_operators,
 )
 
-from neuroscale_coupling.closure import ExactClosure
+from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase, equino_material
+from neuroscale_coupling.cell.ufl_laws import mechanical_stress, thermal_flux
+from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.fine.fem import FESolver
-from neuroscale_coupling.hosts.external_operator import (
+from neuroscale_coupling.hosts.dolfinx.external_operator import (
     ClosureExternalFunction,
     attach_to_nonlinear_problem,
     mechanical_stress_operator,
@@ -38,8 +40,6 @@ from neuroscale_coupling.hosts.external_operator import (
     stress_tensor,
     thermal_flux_operator,
 )
-from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase, equino_material
-from neuroscale_coupling.ufl_laws import mechanical_stress, thermal_flux
 
 PHASE = ThermalPhase(k0=1.0, alpha=0.3, beta=0.5)
 THERMAL = ThermalMaterial(phases=(PHASE,))

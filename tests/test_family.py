@@ -6,14 +6,14 @@ symmetries of the square; training cells sit at ratio 0, cells between them near
 import numpy as np
 import pytest
 
-from neuroscale_coupling.microstructure import (
+from neuroscale_coupling.cell.microstructure import (
     checkerboard,
     circular_inclusion,
     laminate,
     random_inclusions,
 )
-from neuroscale_coupling.surrogate.family import ImageFamily, correlation_descriptors
-from neuroscale_coupling.symmetry import D4, transform_image
+from neuroscale_coupling.cell.symmetry import D4, transform_image
+from neuroscale_coupling.surrogate.image_family import ImageFamily, correlation_descriptors
 
 N = 32
 

@@ -19,30 +19,30 @@ import ufl
 from dolfinx import fem, mesh
 from dolfinx.fem.petsc import NonlinearProblem
 
-from neuroscale_coupling.analytic import laminate_exact
-from neuroscale_coupling.closure import ExactClosure
-from neuroscale_coupling.coupling import TwoScaleDriver
-from neuroscale_coupling.dns import MechanicalDNS, ThermalDNS, gather_dof_values
-from neuroscale_coupling.fine.fem import FESolver
-from neuroscale_coupling.fine.spectral import SpectralSolver
-from neuroscale_coupling.hosts.dolfinx_host import (
-    MacroQuadrature,
-    MechanicalFE2Problem,
-    ThermalFE2Problem,
-)
-from neuroscale_coupling.materials import (
+from neuroscale_coupling.cell.materials import (
     EQUINO_MATRIX,
     MechanicalMaterial,
     ThermalMaterial,
     ThermalPhase,
     equino_material,
 )
-from neuroscale_coupling.microstructure import (
+from neuroscale_coupling.cell.microstructure import (
     centre_and_corner_fibres,
     circular_inclusion,
     laminate,
 )
-from neuroscale_coupling.ufl_laws import mechanical_stress, thermal_flux
+from neuroscale_coupling.cell.ufl_laws import mechanical_stress, thermal_flux
+from neuroscale_coupling.closure.exact import ExactClosure
+from neuroscale_coupling.fine.analytic import laminate_exact
+from neuroscale_coupling.fine.fem import FESolver
+from neuroscale_coupling.fine.spectral import SpectralSolver
+from neuroscale_coupling.hosts.dolfinx.dns import MechanicalDNS, ThermalDNS, gather_dof_values
+from neuroscale_coupling.hosts.dolfinx.driver import TwoScaleDriver
+from neuroscale_coupling.hosts.dolfinx.problems import (
+    MacroQuadrature,
+    MechanicalFE2Problem,
+    ThermalFE2Problem,
+)
 
 LU = {"snes_rtol": 1e-12, "snes_atol": 1e-14, "ksp_type": "preonly", "pc_type": "lu"}
 NONLINEAR = ThermalMaterial(phases=(ThermalPhase(1.0, 0.3, 0.5), ThermalPhase(10.0, 0.1, 0.2)))

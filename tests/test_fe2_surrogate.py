@@ -22,14 +22,14 @@ from conftest import assert_same_on_all_ranks
 from dolfinx import fem, mesh
 from surrogate_cases import tiny_surrogate
 
-from neuroscale_coupling.closure import ExactClosure
-from neuroscale_coupling.coupling import TwoScaleDriver
-from neuroscale_coupling.dns import gather_dof_values
+from neuroscale_coupling.closure.enrichment import EnrichmentOptions
+from neuroscale_coupling.closure.exact import ExactClosure
+from neuroscale_coupling.closure.fallback import FallbackPolicy
+from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
 from neuroscale_coupling.fine.fem import FESolver
-from neuroscale_coupling.hosts.dolfinx_host import MacroQuadrature, ThermalFE2Problem
-from neuroscale_coupling.surrogate.closure import SurrogateClosure
-from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions
-from neuroscale_coupling.surrogate.fallback import FallbackPolicy
+from neuroscale_coupling.hosts.dolfinx.dns import gather_dof_values
+from neuroscale_coupling.hosts.dolfinx.driver import TwoScaleDriver
+from neuroscale_coupling.hosts.dolfinx.problems import MacroQuadrature, ThermalFE2Problem
 
 LU = {"snes_rtol": 1e-12, "snes_atol": 1e-13, "ksp_type": "preonly", "pc_type": "lu"}
 DOMAIN_ONLY = FallbackPolicy(std_rel=math.inf, family_threshold=math.inf)

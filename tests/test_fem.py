@@ -8,8 +8,15 @@ pytest.importorskip("dolfinx_solver")
 
 from conftest import assert_same_on_all_ranks
 
-from neuroscale_coupling import microstructure as ms
-from neuroscale_coupling.analytic import laminate_exact
+from neuroscale_coupling.cell import microstructure as ms
+from neuroscale_coupling.cell.materials import (
+    MechanicalMaterial,
+    MechanicalPhase,
+    ThermalMaterial,
+    ThermalPhase,
+    equino_material,
+)
+from neuroscale_coupling.fine.analytic import laminate_exact
 from neuroscale_coupling.fine.cell_mesh import (
     CellMesh,
     circular_inclusion_mesh,
@@ -17,13 +24,6 @@ from neuroscale_coupling.fine.cell_mesh import (
 )
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver
-from neuroscale_coupling.materials import (
-    MechanicalMaterial,
-    MechanicalPhase,
-    ThermalMaterial,
-    ThermalPhase,
-    equino_material,
-)
 
 THERMAL = ThermalMaterial(
     phases=(ThermalPhase(k0=1.0, alpha=0.3, beta=0.5), ThermalPhase(k0=10.0, alpha=-0.2, beta=2.0))

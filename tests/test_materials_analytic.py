@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuroscale_coupling.analytic import laminate_exact
-from neuroscale_coupling.materials import (
+from neuroscale_coupling.cell.materials import (
     EQUINO_FIBRE,
     MechanicalMaterial,
     MechanicalPhase,
@@ -13,7 +12,8 @@ from neuroscale_coupling.materials import (
     ThermalPhase,
     equino_material,
 )
-from neuroscale_coupling.symmetry import D4, state_matrix, transform_result
+from neuroscale_coupling.cell.symmetry import D4, state_matrix, transform_result
+from neuroscale_coupling.fine.analytic import laminate_exact
 
 THERMAL = ThermalMaterial(phases=(ThermalPhase(1.0, 0.5, 0.3), ThermalPhase(10.0, -0.2, 0.1)))
 

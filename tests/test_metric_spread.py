@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from neuroscale_coupling.surrogate.calibration import LEVELS_P, calibration_error
-from neuroscale_coupling.surrogate.metric_spread import HeldOutErrors, by_generator, group_bootstrap
+from neuroscale_coupling.training.metric_spread import HeldOutErrors, by_generator, group_bootstrap
 
 
 def _case(seed=0, groups=12, per=(3, 9), r=2, d=3, spread=1.0):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from neuroscale_coupling import microstructure as ms
-from neuroscale_coupling.symmetry import D4, transform_image
+from neuroscale_coupling.cell import microstructure as ms
+from neuroscale_coupling.cell.symmetry import D4, transform_image
 
 
 def test_laminate_is_voxel_aligned_with_exact_fraction():

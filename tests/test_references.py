@@ -7,7 +7,7 @@ solvers and the ``neuroscale homogenize`` command.
 - Hill (1963): phases with one shear modulus μ have the exact in-plane bulk modulus
   1/(κ* + μ) = Σ f_i / (κ_i + μ) for any geometry (plane strain, κ = K + μ/3).
 - Hashin–Shtrikman (2D conductivity) bounds enclose every isotropic two-phase answer.
-- Laminates (linear and nonlinear): exact, see ``neuroscale_coupling.analytic``.
+- Laminates (linear and nonlinear): exact, see ``neuroscale_coupling.fine.analytic``.
 
 The voxel references (Dykhne, Hill) depend only on the voxel fractions, so the error is
 pure discretisation error and must fall as the grid is refined.
@@ -19,21 +19,21 @@ import numpy as np
 import pytest
 
 from neuroscale_coupling import cli
-from neuroscale_coupling.analytic import laminate_exact
-from neuroscale_coupling.fine import make_solver
-from neuroscale_coupling.materials import (
+from neuroscale_coupling.cell.materials import (
     MechanicalMaterial,
     MechanicalPhase,
     ThermalMaterial,
     ThermalPhase,
     equino_material,
 )
-from neuroscale_coupling.microstructure import (
+from neuroscale_coupling.cell.microstructure import (
     centre_and_corner_fibres,
     checkerboard,
     circular_inclusion,
     phase_fractions,
 )
+from neuroscale_coupling.fine import make_solver
+from neuroscale_coupling.fine.analytic import laminate_exact
 
 LINEAR = ThermalMaterial(phases=(ThermalPhase(1.0), ThermalPhase(10.0)))
 SWAPPED = ThermalMaterial(phases=(ThermalPhase(10.0), ThermalPhase(1.0)))

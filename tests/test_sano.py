@@ -6,16 +6,18 @@ import numpy as np
 import pytest
 import pywt
 import torch
+from neuroscale_coupling.surrogate.config import SANOConfig
 
-from neuroscale_coupling.surrogate.calibration import LEVELS_P, gaussian_multipliers
-from neuroscale_coupling.surrogate.sano import SANO, SANOConfig, d4_average
-from neuroscale_coupling.symmetry import (
+from neuroscale_coupling.cell.symmetry import (
     D4,
+    d4_average,
     response_matrix,
     response_orbits,
     state_matrix,
     transform_image,
 )
+from neuroscale_coupling.surrogate.calibration import LEVELS_P, gaussian_multipliers
+from neuroscale_coupling.surrogate.model import SANO
 
 N_IMG, LEVELS = 16, 2
 
@@ -457,7 +459,7 @@ def haar(imgs: np.ndarray, dtype=torch.float64) -> list[torch.Tensor]:
 
 
 def test_default_config_is_the_wavelet_attention_model():
-    from neuroscale_coupling.surrogate.sano import MultiScaleEncoder
+    from neuroscale_coupling.surrogate.encoders import MultiScaleEncoder
 
     cfg = tiny()
     d = cfg.to_dict()
@@ -501,7 +503,7 @@ def test_ablation_variants_shapes(physics, variant):
 
 
 def test_haar_band_fields_sum_to_the_image():
-    from neuroscale_coupling.surrogate.sano import haar_band_fields
+    from neuroscale_coupling.surrogate.encoders import haar_band_fields
 
     x = np.random.default_rng(5).random((2, N_IMG, N_IMG))
     f = haar_band_fields(haar(x))

@@ -7,13 +7,13 @@ import pytest
 import torch
 from conftest import assert_same_on_all_ranks
 
-from neuroscale_coupling import microstructure as ms
-from neuroscale_coupling.analytic import laminate_exact
+from neuroscale_coupling.cell import microstructure as ms
+from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase, equino_material
+from neuroscale_coupling.cell.symmetry import transform_image, voigt_rotation
 from neuroscale_coupling.fine import spectral
+from neuroscale_coupling.fine.analytic import laminate_exact
 from neuroscale_coupling.fine.protocol import FineSolveError
 from neuroscale_coupling.fine.spectral import SpectralSolver
-from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase, equino_material
-from neuroscale_coupling.symmetry import transform_image, voigt_rotation
 
 THERMAL = ThermalMaterial(phases=(ThermalPhase(1.0, 0.5, 0.3), ThermalPhase(10.0, -0.2, 0.1)))
 EQUINO = equino_material()
@@ -138,7 +138,7 @@ def test_line_search_repairs_overlong_steps(monkeypatch):
     # it back (to 1/8), after which Newton converges to the same answer.
     image = ms.circular_inclusion(16, 0.3)
     ref = SpectralSolver(THERMAL).solve(image, THERMAL_STATES)
-    original = spectral._krylov_solve
+    original = spectral.krylov_solve
 
     def overlong(method, apply_a, apply_m, b, rtol, maxiter, active):
         out = original(method, apply_a, apply_m, b, rtol, maxiter, active)
@@ -146,7 +146,7 @@ def test_line_search_repairs_overlong_steps(monkeypatch):
             out.x = 8 * out.x
         return out
 
-    monkeypatch.setattr(spectral, "_krylov_solve", overlong)
+    monkeypatch.setattr(spectral, "krylov_solve", overlong)
     solver = SpectralSolver(THERMAL)
     got = solver.solve(image, THERMAL_STATES)
     assert np.all(solver.last_statistics.line_search_halvings >= 3)
@@ -159,7 +159,7 @@ def test_line_search_repairs_overlong_steps(monkeypatch):
         out.x = -out.x
         return out
 
-    monkeypatch.setattr(spectral, "_krylov_solve", backwards)
+    monkeypatch.setattr(spectral, "krylov_solve", backwards)
     with pytest.raises(FineSolveError, match="line search") as info:
         SpectralSolver(THERMAL).solve(image, THERMAL_STATES)
     assert info.value.index == 0
@@ -170,29 +170,29 @@ def test_gmres_corrects_cg_on_a_strongly_non_symmetric_operator():
     # "auto" method must notice it from the true residual and let GMRES finish the job.
     torch.manual_seed(0)
     n, batch = 8, 2
-    grid = spectral._Q1Grid(n, torch.float64, torch.device("cpu"))
-    physics = spectral._Mechanical(EQUINO, grid)
+    grid = spectral.Q1Grid(n, torch.float64, torch.device("cpu"))
+    physics = spectral.MechanicalVoxelPhysics(EQUINO, grid)
     work = torch.eye(3, dtype=torch.float64) + 0.9 * torch.tensor(
         [[0.0, 1.0, -1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]], dtype=torch.float64
     )
     scale = 1 + torch.rand(batch, n, n, 4, 1, 1, dtype=torch.float64)
     a = scale * torch.linalg.solve(torch.diag(torch.tensor([1.0, 1.0, 2.0])).double(), work)
-    wa = spectral._Tangent(a, grid.weight)
+    wa = spectral.GaussTangent(a, grid.weight)
 
     def jac(v):
         return physics.strain_t(wa.apply(physics.strain(v)))
 
     prec = SpectralSolver(EQUINO)._preconditioner(physics, a)
-    b = spectral._zero_mean(torch.randn(batch, 2, n, n, dtype=torch.float64))
+    b = spectral.zero_mean(torch.randn(batch, 2, n, n, dtype=torch.float64))
     rtol = torch.full((batch,), 1e-10, dtype=torch.float64)
     active = torch.ones(batch, dtype=torch.bool)
-    cg = spectral._krylov_solve("cg", jac, prec, b, rtol, 200, active)
-    auto = spectral._krylov_solve("auto", jac, prec, b, rtol, 200, active)
-    gmres = spectral._krylov_solve("gmres", jac, prec, b, rtol, 200, active)
+    cg = spectral.krylov_solve("cg", jac, prec, b, rtol, 200, active)
+    auto = spectral.krylov_solve("auto", jac, prec, b, rtol, 200, active)
+    gmres = spectral.krylov_solve("gmres", jac, prec, b, rtol, 200, active)
 
     def true_relres(x):
         r = b - jac(x)
-        return torch.sqrt(spectral._batched_dot(r, r) / spectral._batched_dot(b, b))
+        return torch.sqrt(spectral.batched_dot(r, r) / spectral.batched_dot(b, b))
 
     assert torch.all(true_relres(cg.x) > 1e-6)  # CG alone does not get there
     for out in (auto, gmres):

@@ -14,13 +14,13 @@ pytest.importorskip("dolfinx_solver")
 from conftest import assert_same_on_all_ranks
 from surrogate_cases import tiny_surrogate
 
-from neuroscale_coupling.closure import ExactClosure
+from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase
+from neuroscale_coupling.cell.microstructure import checkerboard, laminate
+from neuroscale_coupling.cell.symmetry import D4, transform_image
+from neuroscale_coupling.closure.exact import ExactClosure
+from neuroscale_coupling.closure.fallback import FallbackPolicy, fallback_reasons
+from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
 from neuroscale_coupling.fine.fem import FESolver
-from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase
-from neuroscale_coupling.microstructure import checkerboard, laminate
-from neuroscale_coupling.surrogate.closure import SurrogateClosure
-from neuroscale_coupling.surrogate.fallback import FallbackPolicy, fallback_reasons
-from neuroscale_coupling.symmetry import D4, transform_image
 
 OFF = FallbackPolicy(std_rel=math.inf, domain_tol=math.inf, family_threshold=math.inf)
 

@@ -12,23 +12,22 @@ pytest.importorskip("dolfinx_solver")
 
 from conftest import assert_same_on_all_ranks
 
+from neuroscale_coupling.cell.family import CellFamily, CellMember
+from neuroscale_coupling.cell.materials import (
+    ThermalMaterial,
+    ThermalPhase,
+    equino_material,
+    phase_values,
+)
+from neuroscale_coupling.data.dataset import Dataset, pack_images, unpack_images
+from neuroscale_coupling.data.domain import StateDomain
+from neuroscale_coupling.data.generate import generate
+from neuroscale_coupling.data.spec import DatasetSpec
+from neuroscale_coupling.data.split import split
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.fine.protocol import FineSolveError
-from neuroscale_coupling.materials import ThermalMaterial, ThermalPhase, equino_material
-from neuroscale_coupling.surrogate.data import (
-    CellFamily,
-    CellMember,
-    Dataset,
-    DatasetSpec,
-    Normalization,
-    StateDomain,
-    WaveletNormalizer,
-    generate,
-    pack_images,
-    phase_values,
-    split,
-    unpack_images,
-)
+from neuroscale_coupling.surrogate.inputs import WaveletNormalizer
+from neuroscale_coupling.surrogate.normalization import Normalization
 
 THERMAL = ThermalMaterial(
     phases=(ThermalPhase(k0=1.0, alpha=0.3, beta=0.5), ThermalPhase(k0=10.0, alpha=-0.2, beta=1.0))

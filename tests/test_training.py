@@ -16,7 +16,10 @@ pytest.importorskip("dolfinx_solver")
 
 from surrogate_cases import GENERATE, TINY_MODEL
 
+from neuroscale_coupling.cell.symmetry import response_orbits
 from neuroscale_coupling.cli import main
+from neuroscale_coupling.data.generate import generate
+from neuroscale_coupling.data.split import split
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.surrogate.calibration import (
     LEVELS_P,
@@ -28,11 +31,9 @@ from neuroscale_coupling.surrogate.calibration import (
     gaussian_multipliers,
     interval_multipliers,
 )
-from neuroscale_coupling.surrogate.config import TrainConfig
-from neuroscale_coupling.surrogate.data import generate, split
 from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
-from neuroscale_coupling.surrogate.training import train
-from neuroscale_coupling.symmetry import response_orbits
+from neuroscale_coupling.training.config import TrainConfig
+from neuroscale_coupling.training.train import train
 
 RANK = MPI.COMM_WORLD.rank
 TRAINING = {"batch_size": 32, "lr": 1e-2, "progress": False, "patience": 0, "seed": 3}
@@ -357,7 +358,7 @@ model = "out/model.pt"
 @pytest.mark.parametrize("name", ["thermal", "mechanical"])
 def test_shipped_training_configs_are_valid(name):
     """The example configs parse and describe the issue-4 families and domains."""
-    from neuroscale_coupling.surrogate.config import load_config
+    from neuroscale_coupling.training.config import load_config
 
     path = Path(__file__).resolve().parents[1] / "examples" / "train" / f"{name}.toml"
     cfg = load_config(path)
@@ -372,7 +373,7 @@ def test_shipped_models_are_small_and_were_trained_by_their_configs(name):
     """A shipped model file stays a few MB (its training images are bit-packed) and
     records the training config of examples/train, all its training cells among them."""
     from neuroscale_coupling.models import shipped_model_path
-    from neuroscale_coupling.surrogate.config import GenerateConfig, load_config
+    from neuroscale_coupling.training.config import GenerateConfig, load_config
 
     path = shipped_model_path(name)
     assert os.path.getsize(path) < 4e6

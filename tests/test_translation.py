@@ -6,9 +6,9 @@ of a cell (its symmetries of the square up to translation) follows from it."""
 import numpy as np
 import pytest
 
-from neuroscale_coupling import microstructure as ms
-from neuroscale_coupling.symmetry import D4, SYMMETRY_ORDERS, symmetry_order, transform_image
-from neuroscale_coupling.translation import canonical_translation
+from neuroscale_coupling.cell import microstructure as ms
+from neuroscale_coupling.cell.symmetry import D4, SYMMETRY_ORDERS, symmetry_order, transform_image
+from neuroscale_coupling.cell.translation import canonical_translation
 
 N = 32
 SHIFTS = [(a, b) for a in range(0, N, 3) for b in range(0, N, 7)]

@@ -46,11 +46,11 @@ from mpi4py import MPI
 from petsc4py import PETSc
 from scipy.spatial import cKDTree
 
+from neuroscale_coupling.cell.materials import MechanicalMaterial, ThermalMaterial
+from neuroscale_coupling.cell.ufl_laws import mechanical_stress, thermal_flux
 from neuroscale_coupling.fine.cell_mesh import CellMesh
 from neuroscale_coupling.fine.protocol import FineSolveError, Homogenized, broadcast_cells
 from neuroscale_coupling.log import get_logger
-from neuroscale_coupling.materials import MechanicalMaterial, ThermalMaterial
-from neuroscale_coupling.ufl_laws import mechanical_stress, thermal_flux
 
 __all__ = ["FESolver"]
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from neuroscale_coupling.microstructure import from_array
+from neuroscale_coupling.cell.microstructure import from_array
 
 __all__ = ["FineSolveError", "FineSolver", "Homogenized", "broadcast_cells"]
 

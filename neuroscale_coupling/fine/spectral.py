@@ -48,32 +48,51 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuroscale_coupling.cell.materials import Material, MechanicalMaterial, ThermalMaterial
+from neuroscale_coupling.fine.krylov import batched_dot, krylov_solve, per_system
 from neuroscale_coupling.fine.protocol import FineSolveError, Homogenized, broadcast_cells
+from neuroscale_coupling.fine.voxel_q1 import (
+    GaussTangent,
+    MechanicalVoxelPhysics,
+    Q1Grid,
+    ThermalVoxelPhysics,
+    VoxelPhysics,
+    gauss_last,
+    zero_mean,
+)
 from neuroscale_coupling.log import get_logger
-from neuroscale_coupling.materials import Material, MechanicalMaterial, ThermalMaterial
 
 __all__ = ["SolveStatistics", "SpectralSolver"]
 
+
 _log = get_logger(__name__)
 
-_GAUSS_A = (1.0 - 1.0 / math.sqrt(3.0)) / 2.0
-#: Local coordinates (ξ, η) of the Gauss points: (a, a), (1-a, a), (a, 1-a), (1-a, 1-a).
-_XI = (_GAUSS_A, 1.0 - _GAUSS_A, _GAUSS_A, 1.0 - _GAUSS_A)
-_ETA = (_GAUSS_A, _GAUSS_A, 1.0 - _GAUSS_A, 1.0 - _GAUSS_A)
 
 #: Armijo constant and maximum number of step halvings of the backtracking line search.
 _ARMIJO = 1e-4
+
+
 _MAX_HALVINGS = 20
+
+
 #: Newton forcing terms (Eisenstat–Walker choice 2): the Krylov tolerance of Newton step
 #: k is η_k = γ (|r_k| / |r_{k-1}|)², safeguarded by γ η_{k-1}² when that exceeds 0.1,
 #: capped at _FORCING_MAX, and no tighter than needed to land below the polishing
 #: threshold (0.5 _POLISH tol / |r_k|) nor than cg_rtol.
 _FORCING_GAMMA = 0.9
+
+
 _FORCING_MAX = 0.1
+
+
 #: Polishing: a converged cell with |r| > _POLISH · tol takes one more Newton step with
 #: Krylov tolerance _POLISH_ETA (kept only where it lowers |r|).
 _POLISH = 1e-2
+
+
 _POLISH_ETA = 1e-3
+
+
 #: Absolute floor of the Newton test, in units of eps · max |q| of the cell.
 _FLOOR = 1e3
 
@@ -100,417 +119,6 @@ class SolveStatistics:
         """Mean Krylov iterations per Newton step over all points (nan when none)."""
         steps = int(self.newton_iterations.sum())
         return float(self.krylov_iterations.sum() / steps) if steps else float("nan")
-
-
-class _Q1Grid:
-    """Q1 gradient at the 2×2 Gauss points of a periodic n×n voxel grid and its adjoint.
-
-    Gauss-point arrays are stored component-first, (…, 2, n, n, 4), the last axis being
-    the Gauss point of the voxel, so that componentwise products are contiguous.
-    """
-
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.n = n
-        self.weight = 1.0 / (4.0 * n * n)
-        self.xi = torch.tensor(_XI, dtype=dtype, device=device)
-        self.eta = torch.tensor(_ETA, dtype=dtype, device=device)
-
-    def grad(self, phi: torch.Tensor) -> torch.Tensor:
-        """Nodal values (…, n, n) → gradient at the Gauss points (…, 2, n, n, 4)."""
-        n = self.n
-        d1 = (torch.roll(phi, -1, -2) - phi) * n  # (φ(i+1, j) - φ(i, j)) / h
-        d2 = (torch.roll(phi, -1, -1) - phi) * n  # (φ(i, j+1) - φ(i, j)) / h
-        d1s = torch.roll(d1, -1, -1)  # the same difference on the edge j + 1
-        d2s = torch.roll(d2, -1, -2)  # on the edge i + 1
-        g1 = d1.unsqueeze(-1) * (1 - self.eta) + d1s.unsqueeze(-1) * self.eta
-        g2 = d2.unsqueeze(-1) * (1 - self.xi) + d2s.unsqueeze(-1) * self.xi
-        return torch.stack((g1, g2), -4)
-
-    def grad_t(self, p: torch.Tensor) -> torch.Tensor:
-        """Adjoint of :meth:`grad`: Gauss-point vectors (…, 2, n, n, 4) → nodal (…, n, n)."""
-        n = self.n
-        p1 = p[..., 0, :, :, :]
-        p2 = p[..., 1, :, :, :]
-        c1 = (p1 @ (1 - self.eta) + torch.roll(p1 @ self.eta, 1, -1)) * n
-        c2 = (p2 @ (1 - self.xi) + torch.roll(p2 @ self.xi, 1, -2)) * n
-        return torch.roll(c1, 1, -2) - c1 + torch.roll(c2, 1, -1) - c2
-
-
-def _to_last(x: torch.Tensor) -> torch.Tensor:
-    """Component-first Gauss array (…, m, n, n, 4) → the laws' layout (…, n, n, 4, m)."""
-    return x.movedim(-4, -1)
-
-
-class _Physics:
-    """What differs between thermal and mechanical cells.
-
-    c: nodal components of the fluctuation; m: components of the local gradient/strain
-    (the first m state components are the macro gradient/strain; the remaining d - m
-    enter the law explicitly, e.g. θ). ``reference_basis``: constant tangents (m, m)
-    whose combinations form the isotropic reference medium. Gauss-point arrays are
-    component-first, (…, m, n, n, 4).
-    """
-
-    c: int
-    m: int
-    d: int
-
-    def __init__(self, material: Material, grid: _Q1Grid) -> None:
-        self.material = material
-        self.grid = grid
-
-    def strain(self, u: torch.Tensor) -> torch.Tensor:
-        """D: nodal (…, c, n, n) → Gauss (…, m, n, n, 4)."""
-        raise NotImplementedError
-
-    def strain_t(self, s: torch.Tensor) -> torch.Tensor:
-        """Dᵀ with the work pairing: Gauss (…, m, n, n, 4) → nodal (…, c, n, n)."""
-        raise NotImplementedError
-
-    def law(
-        self, fields: dict[str, torch.Tensor], states: torch.Tensor, strain: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flux (B, n, n, 4, m), tangent (B, n, n, 4, m, m) and ∂flux/∂(extra states)
-        (B, n, n, 4, m, d - m) at the total strain (B, n, n, 4, m)."""
-        raise NotImplementedError
-
-    def reference_basis(self) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def reference_coefficients(self, tangent: torch.Tensor) -> torch.Tensor:
-        """Per-cell coefficients (B, len(basis)) of the reference medium."""
-        raise NotImplementedError
-
-    def check_law(self, fields: dict[str, torch.Tensor], states: torch.Tensor) -> list[str | None]:
-        """Per-point reason why the cell problem is ill-posed, or None."""
-        return [None] * states.shape[0]
-
-
-class _Thermal(_Physics):
-    c, m, d = 1, 2, 3
-
-    def strain(self, u: torch.Tensor) -> torch.Tensor:
-        return self.grid.grad(u[..., 0, :, :])
-
-    def strain_t(self, s: torch.Tensor) -> torch.Tensor:
-        return self.grid.grad_t(s).unsqueeze(-3)
-
-    def law(
-        self, fields: dict[str, torch.Tensor], states: torch.Tensor, strain: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        theta = states[:, 2].reshape(-1, 1, 1, 1)
-        q, a, dq_dtheta = ThermalMaterial.local(fields, theta, strain)
-        return q, a, dq_dtheta.unsqueeze(-1)
-
-    def reference_basis(self) -> list[torch.Tensor]:
-        return [torch.eye(2, dtype=self.grid.xi.dtype, device=self.grid.xi.device)]
-
-    def reference_coefficients(self, tangent: torch.Tensor) -> torch.Tensor:
-        # Mean conductivity (trace / 2); for a scalar problem only the scale matters.
-        k = 0.5 * (tangent[..., 0, 0] + tangent[..., 1, 1])
-        return k.mean(dim=(1, 2, 3)).unsqueeze(-1)
-
-    def check_law(self, fields: dict[str, torch.Tensor], states: torch.Tensor) -> list[str | None]:
-        theta = states[:, 2].reshape(-1, 1, 1, 1)
-        a = fields["k0"] * (1 + fields["alpha"] * theta)
-        amin = a.amin(dim=(1, 2, 3)).cpu().numpy()
-        return [
-            None
-            if v > 0
-            else f"the conductivity k0 (1 + alpha theta) = {v:.6g} <= 0 at this theta: "
-            "the cell problem is ill-posed (keep 1 + alpha theta > 0 in every phase)"
-            for v in amin
-        ]
-
-
-class _Mechanical(_Physics):
-    c, m, d = 2, 3, 3
-
-    def strain(self, u: torch.Tensor) -> torch.Tensor:
-        g = self.grid.grad(u)  # (…, 2 components, 2 derivatives, n, n, 4)
-        return torch.stack(
-            (
-                g[..., 0, 0, :, :, :],
-                g[..., 1, 1, :, :, :],
-                0.5 * (g[..., 0, 1, :, :, :] + g[..., 1, 0, :, :, :]),
-            ),
-            -4,
-        )
-
-    def strain_t(self, s: torch.Tensor) -> torch.Tensor:
-        # Internal work σ11 ε11 + σ22 ε22 + 2 σ12 ε12 = Σ_ck σ_ck ∂_k u_c.
-        s11, s22, s12 = s[..., 0, :, :, :], s[..., 1, :, :, :], s[..., 2, :, :, :]
-        p = torch.stack((torch.stack((s11, s12), -4), torch.stack((s12, s22), -4)), -5)
-        return self.grid.grad_t(p)
-
-    def law(
-        self, fields: dict[str, torch.Tensor], states: torch.Tensor, strain: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sigma, c = MechanicalMaterial.local(fields, strain)
-        return sigma, c, sigma.new_zeros((*sigma.shape, 0))
-
-    def reference_basis(self) -> list[torch.Tensor]:
-        kw = {"dtype": self.grid.xi.dtype, "device": self.grid.xi.device}
-        m = torch.tensor([1.0, 1.0, 0.0], **kw)
-        mm = m[:, None] * m[None, :]
-        return [mm, torch.eye(3, **kw) - mm / 3]  # σ = K tr(ε) m + μ (ε - tr(ε)/3 m)
-
-    def reference_coefficients(self, tangent: torch.Tensor) -> torch.Tensor:
-        # Isotropic projection (K, μ) of the work-conjugate tangent T = diag(1, 1, 2) C at
-        # every Gauss point, then the geometric mean of the extremes over the cell: this
-        # minimises max ratio / min ratio of the pointwise moduli to the reference ones.
-        t = tangent
-        mu = 0.25 * (t[..., 0, 0] - t[..., 0, 1] - t[..., 1, 0] + t[..., 1, 1]) + 0.5 * t[..., 2, 2]
-        bulk = 0.25 * (t[..., 0, 0] + t[..., 0, 1] + t[..., 1, 0] + t[..., 1, 1]) - mu / 6
-        out = []
-        for v in (bulk, mu):
-            v = v.flatten(1)
-            hi = v.amax(1)
-            lo = torch.clamp(v.amin(1), min=1e-12 * hi)
-            out.append(torch.sqrt(lo * hi))
-        return torch.stack(out, -1)
-
-
-class _Tangent:
-    """The pointwise tangent, weighted and stored component-first for the Jacobian action.
-
-    a: (B, n, n, 4, m, m) from the law; ``apply(e)`` maps Gauss strains (…, B, m, n, n, 4)
-    to W A e with the same shape (componentwise products, no m×m temporaries).
-    """
-
-    def __init__(self, a: torch.Tensor, weight: float) -> None:
-        self.m = a.shape[-1]
-        self.cf = (weight * a).permute(0, 4, 5, 1, 2, 3).contiguous()  # (B, m, m, n, n, 4)
-
-    def apply(self, e: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for i in range(self.m):
-            y = self.cf[:, i, 0] * e[..., 0, :, :, :]
-            for j in range(1, self.m):
-                y = y.addcmul_(self.cf[:, i, j], e[..., j, :, :, :])
-            rows.append(y)
-        return torch.stack(rows, -4)
-
-
-def _batched_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-system inner product over the three trailing (component, i, j) dimensions."""
-    return (x * y).sum(dim=(-3, -2, -1))
-
-
-def _zero_mean(r: torch.Tensor) -> torch.Tensor:
-    """Remove the per-component mean of nodal residuals (…, c, n, n).
-
-    The exact residual Dᵀ(·) sums to zero over the nodes (constants / translations are
-    the null space); the computed one carries a mean of round-off size eps·|q| that no
-    Krylov iterate can cancel, which would stall the solves once |r| is small.
-    """
-    return r - r.mean(dim=(-2, -1), keepdim=True)
-
-
-def _expand(v: torch.Tensor) -> torch.Tensor:
-    return v[..., None, None, None]
-
-
-@dataclass
-class _KrylovResult:
-    x: torch.Tensor
-    iterations: torch.Tensor  # int64, batch shape
-    relres: torch.Tensor  # final relative residual, batch shape
-    converged: torch.Tensor  # bool, batch shape
-    breakdown: torch.Tensor  # bool, batch shape
-
-
-def _pcg(
-    apply_a: Callable[[torch.Tensor], torch.Tensor],
-    apply_m: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    rtol: torch.Tensor,
-    maxiter: int,
-    active: torch.Tensor,
-) -> _KrylovResult:
-    """Batched preconditioned CG, x0 = 0. b: (*batch, c, n, n); rtol, active: batch shape.
-
-    Each system has its own α, β and stopping test |r| <= rtol |b|; a system that has
-    converged (or is inactive) gets α = 0 and stops changing.
-    """
-    x = torch.zeros_like(b)
-    r = b.clone()
-    bnorm = torch.sqrt(_batched_dot(b, b))
-    tol = rtol * bnorm
-    act = active & (bnorm > 0)
-    iterations = torch.zeros(b.shape[:-3], dtype=torch.int64, device=b.device)
-    breakdown = torch.zeros_like(act)
-    rnorm = bnorm.clone()
-    z = apply_m(r)
-    p = z
-    rz = _batched_dot(r, z)
-    for _ in range(maxiter):
-        if not bool(act.any()):
-            break
-        ap = apply_a(p)
-        pap = _batched_dot(p, ap)
-        bad = act & ~(pap > 0)  # non-positive curvature or NaN
-        breakdown |= bad
-        act = act & ~bad
-        alpha = torch.where(act, rz / torch.where(act, pap, 1.0), 0.0)
-        x = x + _expand(alpha) * p
-        r = r - _expand(alpha) * ap
-        iterations += act
-        rnorm = torch.where(act, torch.sqrt(_batched_dot(r, r)), rnorm)
-        act = act & (rnorm > tol)
-        z = apply_m(r)
-        rz_new = _batched_dot(r, z)
-        beta = torch.where(act, rz_new / torch.where(act, rz, 1.0), 0.0)
-        p = z + _expand(beta) * p
-        rz = rz_new
-    relres = torch.where(bnorm > 0, rnorm / torch.where(bnorm > 0, bnorm, 1.0), 0.0)
-    return _KrylovResult(x, iterations, relres, (rnorm <= tol) & ~breakdown, breakdown)
-
-
-def _gmres(
-    apply_a: Callable[[torch.Tensor], torch.Tensor],
-    apply_m: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    rtol: torch.Tensor,
-    maxiter: int,
-    active: torch.Tensor,
-    restart: int = 40,
-) -> _KrylovResult:
-    """Batched right-preconditioned restarted GMRES(restart), x0 = 0.
-
-    b: (*batch, c, n, n); rtol, active: batch shape. Arnoldi with modified Gram–Schmidt
-    and Givens rotations per system; a system stops (its updates are masked to zero) once
-    its residual estimate is below rtol |b|, and the true residual is recomputed at every
-    restart. ``maxiter`` counts operator applications.
-    """
-    dev, dt = b.device, b.dtype
-    batch = b.shape[:-3]
-    x = torch.zeros_like(b)
-    bnorm = torch.sqrt(_batched_dot(b, b))
-    tol = rtol * bnorm
-    act = active & (bnorm > 0)
-    iterations = torch.zeros(batch, dtype=torch.int64, device=dev)
-    breakdown = torch.zeros_like(act)
-    rnorm = bnorm.clone()
-    r = b
-    total = 0
-    while total < maxiter and bool(act.any()):
-        if total > 0:
-            r = b - apply_a(x)
-            rnorm = torch.where(act, torch.sqrt(_batched_dot(r, r)), rnorm)
-            act = act & (rnorm > tol)
-            if not bool(act.any()):
-                break
-        m = min(restart, maxiter - total)
-        beta = torch.where(act, rnorm, 1.0)
-        vs = [r / _expand(beta)]
-        h = torch.zeros((*batch, m + 1, m), dtype=dt, device=dev)
-        cs = torch.zeros((*batch, m), dtype=dt, device=dev)
-        sn = torch.zeros((*batch, m), dtype=dt, device=dev)
-        gvec = torch.zeros((*batch, m + 1), dtype=dt, device=dev)
-        gvec[..., 0] = beta
-        live = act.clone()  # systems still iterating in this cycle
-        used = torch.zeros(batch, dtype=torch.int64, device=dev)
-        k_done = 0
-        for k in range(m):
-            if not bool(live.any()):
-                break
-            w = apply_a(apply_m(vs[k]))
-            for i in range(k + 1):
-                hik = _batched_dot(w, vs[i])
-                h[..., i, k] = hik
-                w = w - _expand(hik) * vs[i]
-            hn = torch.sqrt(_batched_dot(w, w))
-            h[..., k + 1, k] = hn
-            vs.append(w / _expand(torch.where(hn > 0, hn, 1.0)))
-            for i in range(k):  # apply the previous rotations to column k
-                t = cs[..., i] * h[..., i, k] + sn[..., i] * h[..., i + 1, k]
-                h[..., i + 1, k] = -sn[..., i] * h[..., i, k] + cs[..., i] * h[..., i + 1, k]
-                h[..., i, k] = t
-            den = torch.sqrt(h[..., k, k] ** 2 + h[..., k + 1, k] ** 2)
-            den1 = torch.where(den > 0, den, 1.0)
-            cs[..., k] = torch.where(den > 0, h[..., k, k] / den1, 1.0)
-            sn[..., k] = torch.where(den > 0, h[..., k + 1, k] / den1, 0.0)
-            h[..., k, k] = den
-            h[..., k + 1, k] = 0.0
-            gvec[..., k + 1] = -sn[..., k] * gvec[..., k]
-            gvec[..., k] = cs[..., k] * gvec[..., k]
-            bad = live & ~torch.isfinite(den)
-            breakdown |= bad
-            live = live & ~bad
-            used += live
-            iterations += live
-            live = live & (gvec[..., k + 1].abs() > tol) & (hn > 0)
-            k_done = k + 1
-        total += k_done
-        # Solve the small triangular systems H[:used, :used] y = g[:used] per system;
-        # columns beyond a system's ``used`` count get an identity so y = 0 there.
-        if k_done == 0:
-            break
-        hh = h[..., :k_done, :k_done].clone()
-        gg = gvec[..., :k_done].clone()
-        idx = torch.arange(k_done, device=dev)
-        beyond = idx >= used.unsqueeze(-1)  # (*batch, k_done)
-        eye = torch.eye(k_done, dtype=dt, device=dev)
-        mask2 = beyond.unsqueeze(-1) | beyond.unsqueeze(-2)
-        hh = torch.where(mask2, eye, hh)
-        gg = torch.where(beyond, 0.0, gg)
-        diag_ok = torch.diagonal(hh, dim1=-2, dim2=-1).abs() > 0
-        hh = torch.where(diag_ok.unsqueeze(-1) | ~eye.bool(), hh, eye)
-        y = torch.linalg.solve_triangular(hh, gg.unsqueeze(-1), upper=True)[..., 0]
-        y = torch.where(act.unsqueeze(-1), y, 0.0)
-        # x += M (V y): the preconditioner is linear, so one application suffices.
-        vy = vs[0] * _expand(y[..., 0])
-        for i in range(1, k_done):
-            vy = vy + _expand(y[..., i]) * vs[i]
-        x = x + apply_m(vy)
-        act = act & ~breakdown
-    r = b - apply_a(x)
-    rnorm = torch.sqrt(_batched_dot(r, r))
-    relres = torch.where(bnorm > 0, rnorm / torch.where(bnorm > 0, bnorm, 1.0), 0.0)
-    converged = (rnorm <= tol * 1.0000001) | (bnorm == 0)
-    return _KrylovResult(x, iterations, relres, converged & ~breakdown, breakdown)
-
-
-def _krylov_solve(
-    method: str,
-    apply_a: Callable[[torch.Tensor], torch.Tensor],
-    apply_m: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    rtol: torch.Tensor,
-    maxiter: int,
-    active: torch.Tensor,
-) -> _KrylovResult:
-    """Solve A x = b per system with ``method``: "gmres", "cg", or "auto" = CG whose
-    result is checked against the true residual |b - A x|, GMRES then correcting the
-    systems that miss 2 rtol |b| (CG's recurrences assume symmetry, which the EquiNO
-    tangent lacks by about 0.1 %; in practice CG still converges, the check makes sure)."""
-    if method == "gmres":
-        return _gmres(apply_a, apply_m, b, rtol, maxiter, active)
-    out = _pcg(apply_a, apply_m, b, rtol, maxiter, active)
-    if method == "cg":
-        return out
-    bnorm = torch.sqrt(_batched_dot(b, b))
-    r = b - apply_a(out.x)
-    rnorm = torch.sqrt(_batched_dot(r, r))
-    need = active & (bnorm > 0) & ~(rnorm <= 2 * rtol * bnorm)
-    if not bool(need.any()):
-        relres = torch.where(bnorm > 0, rnorm / torch.where(bnorm > 0, bnorm, 1.0), 0.0)
-        return _KrylovResult(out.x, out.iterations, relres, ~need, out.breakdown & need)
-    _log.debug("GMRES corrects %d of %d CG solves", int(need.sum()), need.numel())
-    # Start from x = 0 where CG made things worse than that.
-    worse = need & (rnorm > bnorm)
-    x0 = torch.where(_expand(worse), 0.0, out.x)
-    r = torch.where(_expand(worse), b, r)
-    rnorm = torch.where(worse, bnorm, rnorm)
-    rtol2 = torch.where(need, rtol * bnorm / torch.where(need, rnorm, 1.0), 1.0)
-    corr = _gmres(apply_a, apply_m, r, rtol2, maxiter, need)
-    x = x0 + corr.x
-    r = b - apply_a(x)
-    rnorm = torch.sqrt(_batched_dot(r, r))
-    relres = torch.where(bnorm > 0, rnorm / torch.where(bnorm > 0, bnorm, 1.0), 0.0)
-    converged = ~(active & (bnorm > 0)) | (rnorm <= 2 * rtol * bnorm)
-    return _KrylovResult(x, out.iterations + corr.iterations, relres, converged, corr.breakdown)
 
 
 def _resolve_device(device: Any) -> torch.device:
@@ -677,13 +285,13 @@ class SpectralSolver:
             )
         return Homogenized(response, tangent, newton), fields_out
 
-    def _physics(self, n: int) -> _Physics:
-        grid = _Q1Grid(n, self.dtype, self.device)
+    def _physics(self, n: int) -> VoxelPhysics:
+        grid = Q1Grid(n, self.dtype, self.device)
         if isinstance(self.material, ThermalMaterial):
-            return _Thermal(self.material, grid)
-        return _Mechanical(self.material, grid)
+            return ThermalVoxelPhysics(self.material, grid)
+        return MechanicalVoxelPhysics(self.material, grid)
 
-    def _basis_symbols(self, physics: _Physics) -> list[torch.Tensor]:
+    def _basis_symbols(self, physics: VoxelPhysics) -> list[torch.Tensor]:
         """Symbols (c, c, n, n//2+1), complex, of Dᵀ W C_b D for each reference basis C_b."""
         n = physics.grid.n
         if n not in self._symbols:
@@ -701,7 +309,7 @@ class SpectralSolver:
         return self._symbols[n]
 
     def _preconditioner(
-        self, physics: _Physics, tangent: torch.Tensor
+        self, physics: VoxelPhysics, tangent: torch.Tensor
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """z = (Dᵀ W C_ref D)⁻¹ r per cell, zero mode → 0; r: (…, B, c, n, n)."""
         coef = physics.reference_coefficients(tangent)  # (B, nb)
@@ -735,7 +343,7 @@ class SpectralSolver:
         return apply
 
     def _solve_chunk(
-        self, physics: _Physics, images: np.ndarray, states: np.ndarray, offset: int
+        self, physics: VoxelPhysics, images: np.ndarray, states: np.ndarray, offset: int
     ) -> dict[str, np.ndarray]:
         dev, dt = self.device, self.dtype
         n_b, n = images.shape[0], images.shape[-1]
@@ -751,12 +359,12 @@ class SpectralSolver:
         failed = torch.tensor([r is not None for r in reasons], device=dev)
 
         def evaluate(u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            flux, a, extra = physics.law(fields, st, macro + _to_last(physics.strain(u)))
-            res = _zero_mean(physics.strain_t(w * flux.movedim(-1, -4)))
-            return flux, a, extra, res, torch.sqrt(_batched_dot(res, res))
+            flux, a, extra = physics.law(fields, st, macro + gauss_last(physics.strain(u)))
+            res = zero_mean(physics.strain_t(w * flux.movedim(-1, -4)))
+            return flux, a, extra, res, torch.sqrt(batched_dot(res, res))
 
         def jacobian(a: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-            wa = _Tangent(a, w)
+            wa = GaussTangent(a, w)
 
             def apply(v: torch.Tensor) -> torch.Tensor:
                 return physics.strain_t(wa.apply(physics.strain(v)))
@@ -788,7 +396,7 @@ class SpectralSolver:
             eta = self._forcing(it, rn, rn_prev, eta_prev, tol)
             eta = torch.where(polish, max(_POLISH_ETA, self.cg_rtol), eta)
             rn_prev, eta_prev = rn.clone(), eta
-            lin = _krylov_solve(
+            lin = krylov_solve(
                 self.krylov,
                 jacobian(a),
                 self._preconditioner(physics, a),
@@ -804,19 +412,19 @@ class SpectralSolver:
             step = torch.ones(n_b, dtype=dt, device=dev)
             pending = act.clone()
             for _ in range(_MAX_HALVINGS + 1):
-                t_flux, t_a, t_extra, t_res, t_rn = evaluate(u + _expand(step) * delta)
+                t_flux, t_a, t_extra, t_res, t_rn = evaluate(u + per_system(step) * delta)
                 ok = (
                     pending
                     & torch.isfinite(t_rn)
                     & ((t_rn <= (1 - _ARMIJO * step) * rn) | (~polish & (t_rn <= tol)))
                 )
                 if bool(ok.any()):
-                    u = torch.where(_expand(ok), u + _expand(step) * delta, u)
+                    u = torch.where(per_system(ok), u + per_system(step) * delta, u)
                     sel = ok.reshape(-1, 1, 1, 1, 1)
                     flux = torch.where(sel, t_flux, flux)
                     a = torch.where(sel.unsqueeze(-1), t_a, a)
                     extra = torch.where(sel.unsqueeze(-1), t_extra, extra)
-                    res = torch.where(_expand(ok), t_res, res)
+                    res = torch.where(per_system(ok), t_res, res)
                     rn = torch.where(ok, t_rn, rn)
                 pending = pending & ~ok
                 if not bool(pending.any()):
@@ -851,9 +459,9 @@ class SpectralSolver:
         # Consistent tangent: J ψ_j = -∂r/∂s_j, all d right-hand sides in one batch.
         # ∂flux/∂state, component-first: (d, B, m, n, n, 4)
         cols = torch.cat((a, extra), -1).permute(5, 0, 4, 1, 2, 3)
-        rhs = -_zero_mean(physics.strain_t(w * cols))  # (d, B, c, n, n)
+        rhs = -zero_mean(physics.strain_t(w * cols))  # (d, B, c, n, n)
         ones = torch.ones((d, n_b), dtype=torch.bool, device=dev)
-        lin = _krylov_solve(
+        lin = krylov_solve(
             self.krylov,
             jacobian(a),
             self._preconditioner(physics, a),
@@ -871,7 +479,7 @@ class SpectralSolver:
                     f"(max_cg={self.max_cg}); raise max_cg or loosen cg_rtol"
                 )
         self._raise_first(reasons, states, offset)
-        dflux = cols + _Tangent(a, 1.0).apply(physics.strain(lin.x))
+        dflux = cols + GaussTangent(a, 1.0).apply(physics.strain(lin.x))
         tangent = dflux.mean(dim=(-3, -2, -1)).permute(1, 2, 0)  # (B, m, d)
         return {
             "response": flux.mean(dim=(1, 2, 3)).cpu().double().numpy(),

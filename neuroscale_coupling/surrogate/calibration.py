@@ -349,12 +349,12 @@ def fit_symmetry_classes(
     cells. On the thermal family, the std pooled over the validation split covered the
     random-inclusion cells (no symmetry) 0.58 of the time at the 68 % level, and the
     square-symmetric inclusion cells more than nominal. A class is the cell's symmetry
-    order (:func:`~neuroscale_coupling.symmetry.symmetry_order`), known from the image.
+    order (:func:`~neuroscale_coupling.cell.symmetry.symmetry_order`), known from the image.
     It differs between components too: with one factor for all components, the
     mechanical shear stress Σ12 was covered 0.84 of the time at the 95 % level and Σ11,
     Σ22 0.99. Per class c, :func:`_component_calibration` fits a std factor κ_c,j per
     orbit of components j and multipliers k_p,c on the class's validation errors. The
-    components of an orbit (:func:`~neuroscale_coupling.symmetry.response_orbits`: Q1
+    components of an orbit (:func:`~neuroscale_coupling.cell.symmetry.response_orbits`: Q1
     and Q2; Σ11 and Σ22) share their factor, so the std stays equivariant under the
     square's symmetries (a rotated cell at the rotated state gets the rotated std). A
     class with fewer than ``min_microstructures`` distinct validation microstructures gets
@@ -366,7 +366,7 @@ def fit_symmetry_classes(
     partition range(r) (None: each component alone).
     Returns factor (4, r) and multipliers (4, 19), rows in the order 1, 2, 4, 8.
     """
-    from neuroscale_coupling.symmetry import SYMMETRY_ORDERS
+    from neuroscale_coupling.cell.symmetry import SYMMETRY_ORDERS
 
     e = np.abs(np.asarray(err, dtype=float))
     sd = np.asarray(std, dtype=float)

@@ -18,21 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuroscale_coupling.io import torch_save_atomic
-from neuroscale_coupling.microstructure import distinct_images
-from neuroscale_coupling.surrogate.data import (
-    Dataset,
-    Normalization,
-    StateDomain,
-    WaveletNormalizer,
-    material_from_dict,
-    material_to_dict,
-    plain_values,
-)
-from neuroscale_coupling.surrogate.family import ImageFamily
-from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
-from neuroscale_coupling.symmetry import symmetry_order
-from neuroscale_coupling.translation import canonical_translation
+from neuroscale_coupling.cell.materials import material_from_dict, material_to_dict
+from neuroscale_coupling.cell.microstructure import distinct_images
+from neuroscale_coupling.cell.symmetry import symmetry_order
+from neuroscale_coupling.data.dataset import Dataset
+from neuroscale_coupling.data.domain import StateDomain
+from neuroscale_coupling.io import plain_values, torch_save_atomic
+from neuroscale_coupling.surrogate.config import SANOConfig
+from neuroscale_coupling.surrogate.image_family import ImageFamily
+from neuroscale_coupling.surrogate.inputs import WaveletNormalizer, wavelet_inputs
+from neuroscale_coupling.surrogate.model import SANO
+from neuroscale_coupling.surrogate.normalization import Normalization
 
 __all__ = [
     "MODEL_FORMAT",
@@ -40,7 +36,6 @@ __all__ = [
     "Surrogate",
     "load_model",
     "save_model",
-    "wavelet_inputs",
 ]
 
 MODEL_FORMAT = "neuroscale-sano-model"
@@ -121,23 +116,6 @@ def load_model(
         for k, d in dict(payload.get("reference", {})).items()
     }
     return model, meta
-
-
-def wavelet_inputs(
-    wav: WaveletNormalizer,
-    images: np.ndarray,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    canonical: bool = False,
-) -> list[torch.Tensor]:
-    """Normalized wavelet coefficients as SANO input [approx (B,1,m,m), details (B,3,·,·)…]
-    of images (B, n, n); with ``canonical`` (``SANOConfig.canonical_translation``) of the
-    images rolled to their canonical position (:mod:`neuroscale_coupling.translation`)."""
-    c = wav.transform(canonical_translation(images) if canonical else images)
-    return [torch.as_tensor(c[0][:, None], dtype=dtype, device=device)] + [
-        torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device) for x in c[1:]
-    ]
 
 
 class Surrogate:

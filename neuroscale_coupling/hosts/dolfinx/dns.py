@@ -10,12 +10,12 @@ material). A mesh cell takes the phase of the voxel holding its midpoint x::
 
     y = (x - origin)/ε,  phase = image[floor(frac(y1) n), floor(frac(y2) n)]
 
-(first index along x1, as in :mod:`neuroscale_coupling.microstructure`); the phase is
+(first index along x1, as in :mod:`neuroscale_coupling.cell.microstructure`); the phase is
 constant per mesh cell (DG0 parameter fields), so a structured quadrilateral mesh with n
 cells per period and a period boundary on every ε-line is voxel-exact.
 
-Physics (the phase laws of :mod:`neuroscale_coupling.materials`, in UFL from
-:mod:`neuroscale_coupling.ufl_laws`):
+Physics (the phase laws of :mod:`neuroscale_coupling.cell.materials`, in UFL from
+:mod:`neuroscale_coupling.cell.ufl_laws`):
 
 - thermal, steady or backward Euler: ``c ∂T/∂t − div q = f``, ``q = k(T, ∇T) ∇T``,
   ``k = k0 (1 + α T)(1 + β |∇T|²)`` of the local phase (the local temperature T plays the
@@ -46,9 +46,9 @@ from dolfinx import fem, mesh
 from mpi4py import MPI
 from petsc4py import PETSc
 
+from neuroscale_coupling.cell.materials import Material, MechanicalMaterial, ThermalMaterial
+from neuroscale_coupling.cell.ufl_laws import mechanical_stress, thermal_flux
 from neuroscale_coupling.log import get_logger
-from neuroscale_coupling.materials import Material, MechanicalMaterial, ThermalMaterial
-from neuroscale_coupling.ufl_laws import mechanical_stress, thermal_flux
 
 __all__ = [
     "CellSource",

@@ -28,7 +28,7 @@ normalized autocovariance (S2_k(r) − φ_k²)/(φ_k(1 − φ_k)) at the lags r 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from neuroscale_coupling.microstructure import distinct_images
+from neuroscale_coupling.cell.microstructure import distinct_images
 
 __all__ = ["ImageFamily", "correlation_descriptors"]
 

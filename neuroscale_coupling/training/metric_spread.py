@@ -8,7 +8,7 @@ dozen distinct images, and the mechanical test split holds nine. A figure on suc
 split can move by more than its target when other images are held out.
 
 :func:`group_bootstrap` resamples distinct microstructures (translation classes,
-:func:`~neuroscale_coupling.surrogate.data.translation_groups`) with replacement and
+:func:`~neuroscale_coupling.data.split.translation_groups`) with replacement and
 recomputes the relative L2 errors and the calibration error. It returns the 5 % and
 95 % quantiles over the draws. :func:`by_generator` gives the same figures per generator
 of the family.

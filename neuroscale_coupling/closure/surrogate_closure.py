@@ -1,6 +1,6 @@
 """The surrogate closure: SANO answers where it is sure, the fine solver where it is not.
 
-:class:`SurrogateClosure` keeps the :class:`~neuroscale_coupling.closure.Closure` contract.
+:class:`SurrogateClosure` keeps the :class:`~neuroscale_coupling.closure.contract.Closure` contract.
 Per step:
 
 1. ``begin_step``: a new decision is due.
@@ -33,16 +33,17 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from neuroscale_coupling.closure import FALLBACK_REASONS, Closure, ClosureResult
+from neuroscale_coupling.cell.materials import material_to_dict
+from neuroscale_coupling.cell.microstructure import distinct_images
+from neuroscale_coupling.cell.symmetry import symmetry_order
+from neuroscale_coupling.closure.contract import FALLBACK_REASONS, Closure, ClosureResult
+from neuroscale_coupling.closure.enrichment import EnrichmentOptions, OnlineEnrichment
+from neuroscale_coupling.closure.fallback import FallbackPolicy, fallback_reasons
 from neuroscale_coupling.fine.protocol import FineSolver, broadcast_cells
 from neuroscale_coupling.log import get_logger
-from neuroscale_coupling.microstructure import distinct_images
 from neuroscale_coupling.parallel import BlockPlan, collective_call, scatter
-from neuroscale_coupling.surrogate.data import material_to_dict
-from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions, OnlineEnrichment
-from neuroscale_coupling.surrogate.fallback import FallbackPolicy, fallback_reasons
-from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
-from neuroscale_coupling.symmetry import symmetry_order
+from neuroscale_coupling.surrogate.inputs import wavelet_inputs
+from neuroscale_coupling.surrogate.model_file import Surrogate
 
 __all__ = ["SurrogateClosure"]
 

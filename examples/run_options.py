@@ -10,11 +10,11 @@ from typing import Any
 
 from mpi4py import MPI
 
-from neuroscale_coupling.comparison import compare_runs
+from neuroscale_coupling.cell.materials import material_to_dict
+from neuroscale_coupling.closure.enrichment import EnrichmentOptions
+from neuroscale_coupling.closure.fallback import FallbackPolicy
+from neuroscale_coupling.hosts.dolfinx.comparison import compare_runs
 from neuroscale_coupling.models import shipped_model_path
-from neuroscale_coupling.surrogate.data import material_to_dict
-from neuroscale_coupling.surrogate.enrichment import EnrichmentOptions
-from neuroscale_coupling.surrogate.fallback import FallbackPolicy
 from neuroscale_coupling.surrogate.model_file import Surrogate
 
 __all__ = ["add_closure_arguments", "closure_settings", "reference_record", "solve_and_compare"]

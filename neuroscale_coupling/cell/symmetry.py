@@ -7,9 +7,12 @@ at the transformed state ``S_R state`` gives ``Q_R response`` and the tangent
 (tensor-shear Voigt): S_R = Q_R = the matrix of ε ↦ R ε Rᵀ in (ε11, ε22, ε12).
 """
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 
-from neuroscale_coupling.translation import canonical_translation
+from neuroscale_coupling.cell.translation import canonical_translation
 
 __all__ = [
     "D4",
@@ -118,3 +121,44 @@ def transform_result(
     q = response_matrix(rotation, physics)
     s_inv = np.linalg.inv(state_matrix(rotation, physics))
     return response @ q.T, q @ tangent @ s_inv
+
+
+def _np(x: Any) -> np.ndarray:
+    """A numpy array of x (numpy, or a torch tensor without importing torch here)."""
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def d4_average(
+    predict_fn: Callable[[np.ndarray, np.ndarray], Sequence[Any]],
+    images: np.ndarray,
+    states: np.ndarray,
+    physics: str,
+) -> tuple[np.ndarray, ...]:
+    """Average a predictor over the 8 symmetries of the square; the result is D4-equivariant.
+
+    predict_fn(images (N, n, n), states (N, d)) returns (response (N, r), tangent (N, r, d))
+    or (response, tangent, std (N, r)) (numpy or torch). For each R in D4 the predictor runs
+    on (transform_image(image, R), S_R state) and its output is mapped back:
+    response Q_R⁻¹ f, tangent Q_R⁻¹ F' S_R (the exact derivative of the averaged response),
+    variance (Q_R⁻¹)∘² std² (Q_R is a signed permutation). Returns the averaged tuple of the
+    same length; std = sqrt of the mean mapped variance.
+    """
+    images = np.asarray(images)
+    states = np.asarray(states, dtype=float)
+    acc: list[np.ndarray] | None = None
+    for rot in D4:
+        s_r = state_matrix(rot, physics)
+        q_inv = np.linalg.inv(response_matrix(rot, physics))
+        out = [_np(o) for o in predict_fn(transform_image(images, rot), states @ s_r.T)]
+        if len(out) not in (2, 3):
+            raise ValueError(f"predict_fn must return 2 or 3 arrays; got {len(out)}")
+        mapped = [out[0] @ q_inv.T, q_inv @ out[1] @ s_r]
+        if len(out) == 3:
+            mapped.append(out[2] ** 2 @ (q_inv**2).T)
+        acc = mapped if acc is None else [a + b for a, b in zip(acc, mapped, strict=True)]
+    res = [a / len(D4) for a in acc]
+    if len(res) == 3:
+        res[2] = np.sqrt(res[2])
+    return tuple(res)

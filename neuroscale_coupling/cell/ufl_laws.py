@@ -1,8 +1,8 @@
-"""The phase laws of :mod:`neuroscale_coupling.materials` stated in UFL.
+"""The phase laws of :mod:`neuroscale_coupling.cell.materials` stated in UFL.
 
 Shared by the FE cell solver (:mod:`neuroscale_coupling.fine.fem`) and the single-scale
-reference (:mod:`neuroscale_coupling.dns`), so that the formulas exist once in UFL (the
-torch versions are ``ThermalMaterial.local`` and ``MechanicalMaterial.local``).
+reference (:mod:`neuroscale_coupling.hosts.dolfinx.dns`), so that the formulas exist once in
+UFL (the torch versions are ``ThermalMaterial.local`` and ``MechanicalMaterial.local``).
 
 ``params`` maps the material's ``parameter_names`` to UFL operands: typically DG0
 Functions holding the phase value of every cell, or plain floats / Constants.

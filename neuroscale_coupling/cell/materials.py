@@ -18,12 +18,13 @@ The local laws are written once, in torch (imported lazily), and shared by the s
 solver and the tests; the FE solver states the same formulas in UFL.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from neuroscale_coupling.microstructure import from_array
+from neuroscale_coupling.cell.microstructure import from_array
 
 __all__ = [
     "EQUINO_FIBRE",
@@ -252,3 +253,37 @@ class MechanicalMaterial(Material):
 def equino_material() -> MechanicalMaterial:
     """The EquiNO composite: phase 0 = nonlinear matrix, phase 1 = elastic fibre."""
     return MechanicalMaterial(phases=(EQUINO_MATRIX, EQUINO_FIBRE))
+
+
+def material_to_dict(material: ThermalMaterial | MechanicalMaterial) -> dict[str, Any]:
+    """Plain description ``{"physics", "phases": [{param: value}]}`` of a material."""
+    if not isinstance(material, ThermalMaterial | MechanicalMaterial):
+        raise TypeError(
+            f"expected a ThermalMaterial or MechanicalMaterial; got {type(material).__name__}"
+        )
+    return {
+        "physics": material.physics,
+        "phases": [
+            {nm: float(getattr(p, nm)) for nm in material.parameter_names} for p in material.phases
+        ],
+    }
+
+
+def material_from_dict(d: Mapping[str, Any]) -> ThermalMaterial | MechanicalMaterial:
+    """Inverse of :func:`material_to_dict`."""
+    physics = d.get("physics")
+    if physics == "thermal":
+        return ThermalMaterial(phases=tuple(ThermalPhase(**p) for p in d["phases"]))
+    if physics == "mechanical":
+        return MechanicalMaterial(phases=tuple(MechanicalPhase(**p) for p in d["phases"]))
+    raise ValueError(f"unknown physics {physics!r} in a material record: 'thermal'/'mechanical'")
+
+
+def phase_values(material: ThermalMaterial | MechanicalMaterial) -> np.ndarray:
+    """Scalar value per phase used to turn a phase image into a field, shape (n_phases,).
+
+    log k0 (thermal) or log K (bulk modulus, mechanical): a physical scale shared by
+    cells of different phase laws, where the raw phase id would not be.
+    """
+    name = "k0" if isinstance(material, ThermalMaterial) else "K"
+    return np.log(np.array([float(getattr(p, name)) for p in material.phases]))

@@ -11,29 +11,23 @@ evenly over the ranks and the results return to their owners.
 """
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver, broadcast_cells
+from neuroscale_coupling.cell.materials import Material
+from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver
 from neuroscale_coupling.log import get_logger
-from neuroscale_coupling.materials import Material
 from neuroscale_coupling.parallel import BlockPlan, collective_call, gather, scatter
 
-__all__ = [
-    "FALLBACK_REASONS",
-    "Closure",
-    "ClosureResult",
-    "ExactClosure",
-    "StepStats",
-    "as_states",
-]
+__all__ = ["FALLBACK_REASONS", "Closure", "ClosureResult", "StepStats", "as_states", "log"]
+
 
 # Why a point was handed to the fine solver; reason code k + 1 in per-point arrays, 0 = not.
 FALLBACK_REASONS = ("domain", "family", "uncertainty")
+
 
 log = get_logger(__name__)
 
@@ -205,53 +199,4 @@ class Closure:
         return (
             gather(self.comm, plan, np.ascontiguousarray(response)),
             gather(self.comm, plan, np.ascontiguousarray(tangent)),
-        )
-
-
-class ExactClosure(Closure):
-    """Every point answered by a fine-scale solve (the reference FE²).
-
-    cells: (n_local, n, n) phase images of this rank's points, fixed for the run. The
-    work is block-balanced over the ranks once, at construction (collective).
-    """
-
-    def __init__(
-        self, material: Material, solver: FineSolver, cells: np.ndarray, *, comm: MPI.Comm
-    ) -> None:
-        cells = np.asarray(cells)
-        if cells.ndim != 3:
-            raise ValueError(f"cells must be a stack (n_local, n, n); got shape {cells.shape}")
-        super().__init__(material, cells.shape[0], comm=comm)
-        sizes = comm.allgather(cells.shape[1:] if cells.shape[0] else None)
-        if len({s for s in sizes if s is not None}) > 1:
-            raise ValueError(f"all cells must have one resolution; ranks hold {sizes}")
-        self.solver = solver
-        self.plan = BlockPlan.balanced(comm, self.n_local)
-        local = broadcast_cells(cells, self.n_local, material.n_phases) if self.n_local else cells
-        self._work_cells = scatter(comm, self.plan, np.ascontiguousarray(local, dtype=np.int64))
-
-    @classmethod
-    def from_coordinates(
-        cls,
-        material: Material,
-        solver: FineSolver,
-        coordinates: np.ndarray,
-        cell_of: Callable[[np.ndarray], np.ndarray],
-        *,
-        comm: MPI.Comm,
-    ) -> "ExactClosure":
-        """Closure whose cells come from ``cell_of(coordinates (n_local, 2)) -> (n_local, n, n)``
-        (graded materials: the cell varies with the point's position)."""
-        coords = np.asarray(coordinates, dtype=np.float64).reshape(-1, 2)
-        return cls(material, solver, np.asarray(cell_of(coords)), comm=comm)
-
-    def _evaluate(self, states: np.ndarray) -> ClosureResult:
-        response, tangent = self._balanced_solve(
-            self.solver, self.plan, self._work_cells, states, "ranks' local points in rank order"
-        )
-        return ClosureResult(
-            response=response,
-            tangent=tangent,
-            std=np.zeros_like(response),
-            exact=np.ones(self.n_local, dtype=bool),
         )

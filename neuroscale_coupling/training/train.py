@@ -54,7 +54,7 @@ spread and the out-of-fold τ: ``set_std_scale(s)``, ``set_std_floor(c × per-co
 response RMS)``. Per symmetry class of the validation cells
 (:func:`~neuroscale_coupling.surrogate.calibration.fit_symmetry_classes`) std factors per
 orbit of response components under the square's symmetries
-(:func:`~neuroscale_coupling.symmetry.response_orbits`) and multipliers follow:
+(:func:`~neuroscale_coupling.cell.symmetry.response_orbits`) and multipliers follow:
 ``set_interval_multipliers(k, class factors, class table)``.
 Calibration needs no dropout: without spread, τ carries the std alone.
 
@@ -74,7 +74,19 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from neuroscale_coupling.io import torch_save_atomic
+from neuroscale_coupling.cell.symmetry import (
+    D4,
+    response_matrix,
+    response_orbits,
+    state_matrix,
+    symmetry_order,
+    transform_image,
+)
+from neuroscale_coupling.data.dataset import Dataset
+from neuroscale_coupling.data.domain import StateDomain
+from neuroscale_coupling.data.generate import generate
+from neuroscale_coupling.data.split import split, translation_groups
+from neuroscale_coupling.io import plain_values, torch_save_atomic
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.calibration import (
     LEVELS_P,
@@ -84,27 +96,12 @@ from neuroscale_coupling.surrogate.calibration import (
     fit_calibration,
     fit_symmetry_classes,
 )
-from neuroscale_coupling.surrogate.config import TrainConfig
-from neuroscale_coupling.surrogate.data import (
-    Dataset,
-    Normalization,
-    StateDomain,
-    WaveletNormalizer,
-    generate,
-    plain_values,
-    split,
-    translation_groups,
-)
-from neuroscale_coupling.surrogate.model_file import save_model, wavelet_inputs
-from neuroscale_coupling.surrogate.sano import SANO, SANOConfig
-from neuroscale_coupling.symmetry import (
-    D4,
-    response_matrix,
-    response_orbits,
-    state_matrix,
-    symmetry_order,
-    transform_image,
-)
+from neuroscale_coupling.surrogate.config import SANOConfig
+from neuroscale_coupling.surrogate.inputs import WaveletNormalizer, wavelet_inputs
+from neuroscale_coupling.surrogate.model import SANO
+from neuroscale_coupling.surrogate.model_file import save_model
+from neuroscale_coupling.surrogate.normalization import Normalization
+from neuroscale_coupling.training.config import TrainConfig
 
 __all__ = ["CALIBRATION_SAMPLES", "REPLAY_SAMPLES", "TrainResult", "train"]
 

@@ -35,15 +35,15 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFI
 # isort: split
 from dolfinx import fem, io
 
-from neuroscale_coupling.closure import FALLBACK_REASONS
-from neuroscale_coupling.hosts.dolfinx_host import (
+from neuroscale_coupling.closure.contract import FALLBACK_REASONS
+from neuroscale_coupling.closure.point_maps import write_point_maps
+from neuroscale_coupling.hosts.dolfinx.problems import (
     MechanicalFE2Problem,
     NewtonReport,
     ThermalFE2Problem,
 )
 from neuroscale_coupling.io import write_json_atomic
 from neuroscale_coupling.log import get_logger
-from neuroscale_coupling.point_maps import write_point_maps
 
 __all__ = ["TwoScaleDriver"]
 

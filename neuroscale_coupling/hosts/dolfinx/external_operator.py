@@ -35,7 +35,7 @@ What the package expects (checked on 0.11.0 with the DOLFINx 0.11 wheel):
 The closure's points are the quadrature points of the cells this rank OWNS, numbered
 ``k = c * n_q + q`` (owned cell ``c`` in local numbering, point ``q`` of the reference
 rule :attr:`MacroQuadrature.points`) — the numbering of
-:class:`neuroscale_coupling.hosts.dolfinx_host.MacroQuadrature` too.
+:class:`neuroscale_coupling.hosts.dolfinx.problems.MacroQuadrature` too.
 :attr:`MacroQuadrature.coordinates` gives their physical coordinates in that order, so
 a closure can be built for them.
 
@@ -74,8 +74,8 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFI
 # isort: split
 import ufl
 
-from neuroscale_coupling.closure import Closure, ClosureResult
-from neuroscale_coupling.hosts.dolfinx_host import MacroQuadrature, voigt_strain
+from neuroscale_coupling.closure.contract import Closure, ClosureResult
+from neuroscale_coupling.hosts.dolfinx.problems import MacroQuadrature, voigt_strain
 from neuroscale_coupling.log import get_logger
 
 try:
@@ -143,7 +143,7 @@ def _check_contiguous(space: Any, layout: MacroQuadrature) -> None:
 class ClosureExternalFunction:
     """The ``external_function`` of a FEMExternalOperator, backed by a closure.
 
-    closure: any :class:`~neuroscale_coupling.closure.Closure` built for
+    closure: any :class:`~neuroscale_coupling.closure.contract.Closure` built for
     ``layout.n_local`` points (see :attr:`MacroQuadrature.coordinates`), on a
     communicator with the mesh's processes.
     operand_columns: for each operand of the operator, in order, the closure state

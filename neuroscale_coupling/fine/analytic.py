@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from neuroscale_coupling.cell.materials import Material, MechanicalMaterial, ThermalMaterial
 from neuroscale_coupling.fine.protocol import FineSolveError, Homogenized
-from neuroscale_coupling.materials import Material, MechanicalMaterial, ThermalMaterial
 
 __all__ = ["laminate_exact"]
 

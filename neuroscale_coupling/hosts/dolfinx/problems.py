@@ -35,7 +35,7 @@ from dolfinx import fem
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from neuroscale_coupling.closure import Closure
+from neuroscale_coupling.closure.contract import Closure
 from neuroscale_coupling.log import get_logger
 
 __all__ = [

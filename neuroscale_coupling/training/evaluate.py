@@ -54,7 +54,7 @@ reference are ``null``):
 * ``n_microstructures``: distinct cell images up to periodic translation;
   ``interval_5_95``: for ``rel_l2_response``, ``rel_l2_tangent`` and
   ``calibration_error``, the 5 %–95 % range over 2000 bootstrap draws of the
-  microstructures (:mod:`~neuroscale_coupling.surrogate.metric_spread`: the errors are
+  microstructures (:mod:`~neuroscale_coupling.training.metric_spread`: the errors are
   mostly per microstructure, so a split of few distinct images measures them loosely);
   ``by_generator``: the same figures, and the counts, per generator of the family.
 * ``attention_per_scale``: the mean attention mass per scale (averaged over the distinct
@@ -79,19 +79,18 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from neuroscale_coupling.cell.symmetry import symmetry_order
+from neuroscale_coupling.cell.translation import canonical_translation
+from neuroscale_coupling.data.dataset import Dataset
+from neuroscale_coupling.data.generate import generate
+from neuroscale_coupling.data.split import split, translation_groups
 from neuroscale_coupling.io import atomic_write
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.calibration import LEVELS_P, calibration_error, coverage
-from neuroscale_coupling.surrogate.config import GenerateConfig
-from neuroscale_coupling.surrogate.data import Dataset, generate, split, translation_groups
-from neuroscale_coupling.surrogate.metric_spread import (
-    HeldOutErrors,
-    by_generator,
-    group_bootstrap,
-)
-from neuroscale_coupling.surrogate.model_file import Surrogate, wavelet_inputs
-from neuroscale_coupling.symmetry import symmetry_order
-from neuroscale_coupling.translation import canonical_translation
+from neuroscale_coupling.surrogate.inputs import wavelet_inputs
+from neuroscale_coupling.surrogate.model_file import Surrogate
+from neuroscale_coupling.training.config import GenerateConfig
+from neuroscale_coupling.training.metric_spread import HeldOutErrors, by_generator, group_bootstrap
 
 __all__ = [
     "EvaluationResult",

@@ -9,8 +9,8 @@ a replay of its training data, then its std is recalibrated::
     enrich.add(images, states, response, tangent)     # local rows; not collective
     stats = enrich.update()                            # collective, between steps
 
-**Loss.** The normalized data loss of training (:mod:`~neuroscale_coupling.surrogate.
-training`) with the model file's :class:`~neuroscale_coupling.surrogate.data.Normalization`:
+**Loss.** The normalized data loss of training (:mod:`~neuroscale_coupling.surrogate.loss`)
+with the model's :class:`~neuroscale_coupling.surrogate.normalization.Normalization`:
 per row, the mean squared normalized response error (response / response_scale) plus
 ``tangent_weight`` × the mean squared normalized tangent error (tangent × state_half_width
 / response_scale). One Adam step minimizes
@@ -40,7 +40,7 @@ This is verified after the steps: a SHA-256 of the parameters and Adam moments i
 over the ranks and, where it differs, rank 0's parameters and moments are broadcast to all
 ranks (a warning is logged and the stats say ``broadcast = 1``).
 
-**Recalibration** (``recalibrate``): as :func:`~neuroscale_coupling.surrogate.training.
+**Recalibration** (``recalibrate``): as :func:`~neuroscale_coupling.training.train.
 train` does, :func:`~neuroscale_coupling.surrogate.calibration.fit_calibration` on the
 normalized response errors, the raw spread (eval mode, fixed masks) and the cell error
 scale τ over the model file's reference "val" set, then ``set_std_scale``,
@@ -66,13 +66,14 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from neuroscale_coupling.cell.symmetry import response_orbits, symmetry_order
+from neuroscale_coupling.data.dataset import Dataset
+from neuroscale_coupling.data.split import translation_groups
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import collective_call
 from neuroscale_coupling.surrogate.calibration import fit_calibration, fit_symmetry_classes
-from neuroscale_coupling.surrogate.data import Dataset, translation_groups
+from neuroscale_coupling.surrogate.model import SANOPrediction
 from neuroscale_coupling.surrogate.model_file import Surrogate
-from neuroscale_coupling.surrogate.sano import SANOPrediction
-from neuroscale_coupling.symmetry import response_orbits, symmetry_order
 
 __all__ = ["EnrichmentOptions", "OnlineEnrichment"]
 

@@ -6,7 +6,7 @@ Three tests, each with its own documented threshold in :class:`FallbackPolicy`:
   ``domain_tol`` half-widths (:meth:`StateDomain.distance_outside`);
 * **family**: the point's cell lies outside the training family — its family ratio
   (:meth:`Surrogate.family_ratio`: the larger of the latent Mahalanobis distance and the
-  two-point-correlation distance of :mod:`~neuroscale_coupling.surrogate.family`, each in
+  two-point-correlation distance of :mod:`~neuroscale_coupling.surrogate.image_family`, each in
   units of the 99th percentile of its leave-one-out value over the training cells)
   exceeds ``family_threshold``. Default 1.25: held-out cells of the shipped models'
   families reach at most 1.28 (thermal: 1 of 225 test cells above 1.25) and 1.11
