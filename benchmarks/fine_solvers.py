@@ -13,7 +13,8 @@ import time
 import numpy as np
 import torch
 
-from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase, equino_material
+from neuroscale_coupling.cell.laws import ThermalPhase
+from neuroscale_coupling.cell.materials import ThermalMaterial, equino_material
 from neuroscale_coupling.cell.microstructure import random_inclusions
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.fine.spectral import SpectralSolver

@@ -16,12 +16,13 @@ import dolfinx_solver  # noqa: F401  (must precede dolfinx/petsc4py)
 import numpy as np
 import pywt
 import torch
-from neuroscale_coupling.surrogate.config import SANOConfig
 
-from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase, equino_material
+from neuroscale_coupling.cell.laws import ThermalPhase
+from neuroscale_coupling.cell.materials import ThermalMaterial, equino_material
 from neuroscale_coupling.cell.microstructure import random_inclusions
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.models import shipped_model_path
+from neuroscale_coupling.surrogate.config import SANOConfig
 from neuroscale_coupling.surrogate.model import SANO
 
 CASES = {

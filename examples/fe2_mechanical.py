@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     comm = MPI.COMM_WORLD
     sur, policy, enrichment = closure_settings(args, "mechanical", MATERIAL)
     if args.cell_n is None:
-        args.cell_n = sur.model.config.image_size if sur is not None else 16
+        args.cell_n = sur.image_size if sur is not None else 16
     if any(k < 1 for k in args.dns):
         parser.error(f"--dns {args.dns}: give positive integers INV_EPS (period 48/INV_EPS)")
     if args.dns and args.dns_mesh is None:

@@ -43,7 +43,8 @@ import ufl
 from dolfinx import fem, mesh
 from run_options import add_closure_arguments, closure_settings, solve_and_compare
 
-from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase
+from neuroscale_coupling.cell.laws import ThermalPhase
+from neuroscale_coupling.cell.materials import ThermalMaterial
 from neuroscale_coupling.cell.microstructure import circular_inclusion
 from neuroscale_coupling.closure.contract import Closure
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions
@@ -217,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     comm = MPI.COMM_WORLD
     sur, policy, enrichment = closure_settings(args, "thermal", MATERIAL)
     if args.cell_n is None:
-        args.cell_n = sur.model.config.image_size if sur is not None else 16
+        args.cell_n = sur.image_size if sur is not None else 16
     options = {"macro": args.macro, "cell_n": args.cell_n, "solver": args.solver, "hot": args.hot}
     times = args.dt * np.arange(1, args.steps + 1)
     problem, summary, history, _ = solve_and_compare(

@@ -5,14 +5,8 @@ modules that need them (``neuroscale_coupling.fine.spectral`` and
 ``neuroscale_coupling.fine.fem``).
 """
 
-from neuroscale_coupling.cell.materials import (
-    EQUINO_FIBRE,
-    EQUINO_MATRIX,
-    MechanicalMaterial,
-    MechanicalPhase,
-    ThermalMaterial,
-    ThermalPhase,
-)
+from neuroscale_coupling.cell.laws import EQUINO_FIBRE, EQUINO_MATRIX, MechanicalPhase, ThermalPhase
+from neuroscale_coupling.cell.materials import MechanicalMaterial, ThermalMaterial
 from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver, Homogenized
 
 __version__ = "0.1.0"

@@ -35,21 +35,14 @@ from typing import Any
 import numpy as np
 
 from neuroscale_coupling import __version__
-from neuroscale_coupling.cell.materials import (
-    EQUINO_FIBRE,
-    EQUINO_MATRIX,
-    Material,
-    MechanicalMaterial,
-    MechanicalPhase,
-    ThermalMaterial,
-    ThermalPhase,
-)
+from neuroscale_coupling.cell.materials import Material, default_material, material_from_dict
 from neuroscale_coupling.cell.microstructure import (
     GENERATORS,
     from_array,
     make_cell,
     phase_fractions,
 )
+from neuroscale_coupling.cell.state_layout import PHYSICS
 from neuroscale_coupling.log import configure, get_logger
 
 __all__ = ["main"]
@@ -86,17 +79,12 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def build_material(physics: str, phases: Sequence[str]) -> Material:
-    """Material from ``--phase`` strings; defaults: thermal k0 = 1 | 10, mechanical EquiNO."""
-    if physics == "thermal":
-        if not phases:
-            return ThermalMaterial(phases=(ThermalPhase(1.0), ThermalPhase(10.0)))
-        return ThermalMaterial(
-            phases=tuple(ThermalPhase(**_key_values(p, "--phase")) for p in phases)
-        )
+    """Material from ``--phase`` strings (the phases' parameters as key=value lists);
+    without any, the built-in material of ``physics`` (:func:`default_material`)."""
     if not phases:
-        return MechanicalMaterial(phases=(EQUINO_MATRIX, EQUINO_FIBRE))
-    return MechanicalMaterial(
-        phases=tuple(MechanicalPhase(**_key_values(p, "--phase")) for p in phases)
+        return default_material(physics)
+    return material_from_dict(
+        {"physics": physics, "phases": [_key_values(p, "--phase") for p in phases]}
     )
 
 
@@ -276,8 +264,25 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_EXAMPLES = """examples:
+  neuroscale homogenize --cell circular_inclusion --n 64 --param volume_fraction=0.3 \\
+      --physics thermal --phase k0=1,beta=0.5 --phase k0=10 --state 1,0.5,0.2
+  neuroscale homogenize --image my_cell.npy --physics mechanical --state 0.02,0,0.01
+  neuroscale train --config examples/train/thermal.toml
+  neuroscale evaluate examples/train/models/thermal_sano.pt --fresh 200 --seed 1
+
+'neuroscale COMMAND --help' describes each command."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuroscale", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="neuroscale",
+        description="Two-scale (FE²) closures: homogenize a periodic cell with a fine-scale\n"
+        "solver, train a SANO surrogate of the homogenized response, and evaluate it on\n"
+        "held-out microstructures.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,7 +307,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="generator parameters key=value[,key=value] (e.g. volume_fraction=0.3)",
     )
-    h.add_argument("--physics", choices=("thermal", "mechanical"), default="thermal")
+    h.add_argument("--physics", choices=PHYSICS, default="thermal")
     h.add_argument(
         "--phase",
         action="append",
@@ -326,7 +331,7 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a SANO surrogate from a TOML config",
         description="Generate or load a dataset, train and calibrate a SANO surrogate, "
-        "and write the model file (see neuroscale_coupling.training.config and .training).",
+        "and write the model file; the TOML tables are described in docs/training.md.",
     )
     t.add_argument("--config", type=Path, required=True, help="TOML training config")
     t.add_argument(
@@ -337,8 +342,8 @@ def _parser() -> argparse.ArgumentParser:
         "evaluate",
         help="evaluate a SANO model on held-out microstructures",
         description="Metrics (MSE, relative L2 of response and tangent, calibration, "
-        "attention per scale), parity and calibration plots on held-out cells (see "
-        "neuroscale_coupling.training.evaluate).",
+        "attention per scale), parity and calibration plots on held-out cells; "
+        "docs/training.md explains each figure.",
     )
     e.add_argument("model", type=Path, help="model file written by neuroscale train")
     e.add_argument(

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase
+from neuroscale_coupling.cell.laws import ThermalPhase
+from neuroscale_coupling.cell.materials import ThermalMaterial
 from neuroscale_coupling.cell.microstructure import circular_inclusion
 from neuroscale_coupling.closure.contract import as_states
 from neuroscale_coupling.closure.exact import ExactClosure

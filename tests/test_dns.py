@@ -13,13 +13,8 @@ from dolfinx.fem.petsc import LinearProblem
 from mpi4py import MPI
 
 from neuroscale_coupling.cell import microstructure as ms
-from neuroscale_coupling.cell.materials import (
-    MechanicalMaterial,
-    ThermalMaterial,
-    ThermalPhase,
-    equino_material,
-)
-from neuroscale_coupling.cell.ufl_laws import thermal_flux
+from neuroscale_coupling.cell.laws import CONDUCTIVITY, ThermalPhase
+from neuroscale_coupling.cell.materials import MechanicalMaterial, ThermalMaterial, equino_material
 from neuroscale_coupling.fine.analytic import laminate_exact
 from neuroscale_coupling.hosts.dolfinx.dns import (
     MechanicalDNS,
@@ -81,7 +76,7 @@ def test_thermal_steady_and_backward_euler_reproduce_q2_solution(comm):
     capacity = 3.0
     p = 1 + x[0] + 2 * x[1] ** 2 + x[0] * x[1]
     T_ex = (1 + t) * p
-    q_ex = thermal_flux(_law(NONLINEAR), T_ex, ufl.grad(T_ex))
+    q_ex = CONDUCTIVITY.ufl_form(_law(NONLINEAR), T_ex, ufl.grad(T_ex))
     f = transient * capacity * p - ufl.div(q_ex)
     V = fem.functionspace(msh, ("Lagrange", 2))
     g = fem.Function(V)
@@ -124,7 +119,7 @@ def test_thermal_q1_converges_at_rate_two(comm):
         msh = _square(comm, n)
         x = ufl.SpatialCoordinate(msh)
         T_ex = 0.5 + ufl.sin(np.pi * x[0]) * ufl.cos(np.pi * x[1]) / 2
-        f = -ufl.div(thermal_flux(_law(NONLINEAR), T_ex, ufl.grad(T_ex)))
+        f = -ufl.div(CONDUCTIVITY.ufl_form(_law(NONLINEAR), T_ex, ufl.grad(T_ex)))
         V = fem.functionspace(msh, ("Lagrange", 1))
         g = fem.Function(V)
         g.interpolate(fem.Expression(T_ex, V.element.interpolation_points))
@@ -213,7 +208,7 @@ def test_mechanical_homogeneous_affine_field_is_exact(comm):
             lambda x, E=E: np.vstack([E[0] * x[0] + E[2] * x[1], E[2] * x[0] + E[1] * x[1]])
         )
         assert np.abs(dns.u.x.array - exact.x.array).max() < 1e-12
-        sigma = matrix.local(fields, torch.tensor(E))[0].numpy()
+        sigma = matrix.law.torch_form(fields, torch.tensor(E))[0].numpy()
         np.testing.assert_allclose(dns.mean_stress(), sigma, rtol=1e-10)
     assert dns.load == 1.0
 

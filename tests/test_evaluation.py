@@ -24,11 +24,9 @@ from neuroscale_coupling.surrogate.calibration import gaussian_multipliers
 from neuroscale_coupling.surrogate.model_file import Surrogate, load_model
 from neuroscale_coupling.training.config import GenerateConfig, TrainConfig
 from neuroscale_coupling.training.evaluate import (
-    _with_config_paths,
     evaluate_model,
-    fresh_data,
-    training_images,
 )
+from neuroscale_coupling.training.held_out import fresh_data, training_images
 from neuroscale_coupling.training.train import train
 
 RANK = MPI.COMM_WORLD.rank
@@ -96,7 +94,8 @@ def test_metrics_on_test_split_match_numpy(trained, tmp_path):
     assert m["source"] == "test split of the training dataset"
     # direct numpy computation
     sur = Surrogate.load(model_path)
-    q, t, s = sur.predict(test.sample_images(), test.states)
+    pred = sur.predict(test.sample_images(), test.states)
+    q, t, s = pred.response, pred.tangent, pred.std
     eq, et = q - test.response, t - test.tangent
     assert m["mse_response"] == pytest.approx(np.mean(eq**2), rel=1e-12)
     assert m["mse_tangent"] == pytest.approx(np.mean(et**2), rel=1e-12)
@@ -177,7 +176,7 @@ def test_fresh_held_out_dataset(trained, tmp_path):
     assert m["n_samples"] == 12 and m["n_cells"] == 3 and m["held_out"] is True
     assert m["source"] == f"file {path}" and res.paths == {}
     sur = Surrogate.load(model_path)
-    q = sur.predict(fresh.sample_images(), fresh.states)[0]
+    q = sur.predict(fresh.sample_images(), fresh.states).response
     assert m["mse_response"] == pytest.approx(np.mean((q - fresh.response) ** 2), rel=1e-12)
     # a fresh dataset of another resolution is refused
     other = generate(
@@ -205,9 +204,9 @@ def test_training_cells_refused_or_flagged(trained, tmp_path):
 def test_training_images_redrawn_from_generate_table(trained):
     """Without a dataset file the train/val images are redrawn from the generate table."""
     model_path, dataset, _ = trained
-    _, meta = load_model(model_path)
+    model, meta = load_model(model_path)
     meta["extra"]["train_config"]["data"] = {"generate": GENERATE, "dataset": None}
-    ids, images = training_images(meta)
+    ids, images = training_images(Surrogate(model, meta))
     np.testing.assert_array_equal(images, dataset.images[ids])
     rec = meta["extra"]["split_cells"]
     assert sorted(ids.tolist()) == sorted(rec["train"] + rec["val"])
@@ -245,27 +244,24 @@ def test_cli_evaluate(trained, capsys):
     comm.barrier()
 
 
-def test_recorded_relative_paths_resolve_against_config_folder(tmp_path):
+def test_recorded_relative_paths_resolve_against_config_folder(trained, tmp_path):
     """A model file recording paths relative to its training config (models/m.pt,
     data/d.pt) finds its dataset from any working directory; a missing file stays as
     recorded (then regenerated from the generate table)."""
+    model_path, _, _ = trained
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "d.pt").write_bytes(b"")
-    meta = {
-        "extra": {
-            "train_config": {
-                "data": {"generate": {"save": "data/d.pt"}, "dataset": None},
-                "output": {"model": "models/m.pt"},
-            }
-        }
+    model, meta = load_model(model_path)
+    meta["extra"]["train_config"] = {
+        "data": {"generate": {"save": "data/d.pt"}, "dataset": None},
+        "output": {"model": "models/m.pt"},
     }
-    out = _with_config_paths(meta, tmp_path / "models" / "m.pt")
-    assert out["extra"]["train_config"]["data"]["generate"]["save"] == str(
-        tmp_path / "data" / "d.pt"
-    )
+    out = Surrogate(model, meta, path=tmp_path / "models" / "m.pt").training_config
+    assert out["data"]["generate"]["save"] == str(tmp_path / "data" / "d.pt")
     assert meta["extra"]["train_config"]["data"]["generate"]["save"] == "data/d.pt"  # untouched
-    gone = _with_config_paths(meta, tmp_path / "elsewhere" / "models" / "m.pt")
-    assert gone["extra"]["train_config"]["data"]["generate"]["save"] == "data/d.pt"
+    gone = Surrogate(model, meta, path=tmp_path / "elsewhere" / "models" / "m.pt")
+    assert gone.training_config["data"]["generate"]["save"] == "data/d.pt"
+    assert Surrogate(model, meta).training_config["data"]["generate"]["save"] == "data/d.pt"
 
 
 def test_fresh_cells_drawn_from_the_recorded_family(trained):
@@ -274,10 +270,10 @@ def test_fresh_cells_drawn_from_the_recorded_family(trained):
     model_path, dataset, _ = trained
     model, meta = load_model(model_path)
     with pytest.raises(ValueError, match=r"no data\.generate table"):
-        fresh_data(meta, 4, 5, comm=MPI.COMM_SELF)
+        fresh_data(Surrogate(model, meta), 4, 5, comm=MPI.COMM_SELF)
     data_cfg = {"generate": dict(GENERATE), "split": list(SPLIT), "split_seed": 4}
     meta["extra"]["train_config"] = {**meta["extra"]["train_config"], "data": data_cfg}
-    data, dropped = fresh_data(meta, 12, 5, comm=MPI.COMM_SELF)
+    data, dropped = fresh_data(Surrogate(model, meta), 12, 5, comm=MPI.COMM_SELF)
     # the same draw, and the leak rule applied independently
     full = generate(
         GenerateConfig(**{**GENERATE, "n_cells": 12, "seed": 5}).spec(),
@@ -302,4 +298,4 @@ def test_fresh_cells_drawn_from_the_recorded_family(trained):
     )
     assert res.metrics["held_out"] is True and res.metrics["n_cells"] == len(keep)
     with pytest.raises(ValueError, match="n_cells=0"):
-        fresh_data(meta, 0, 5, comm=MPI.COMM_SELF)
+        fresh_data(Surrogate(model, meta), 0, 5, comm=MPI.COMM_SELF)

@@ -27,8 +27,8 @@ from dolfinx_external_operator import (
     replace_external_operators,
 )
 
-from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase, equino_material
-from neuroscale_coupling.cell.ufl_laws import mechanical_stress, thermal_flux
+from neuroscale_coupling.cell.laws import CONDUCTIVITY, EQUINO_LAW, ThermalPhase
+from neuroscale_coupling.cell.materials import ThermalMaterial, equino_material
 from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.hosts.dolfinx.external_operator import (
@@ -112,7 +112,7 @@ def thermal_problem(comm, *, closure):
         q = thermal_flux_operator(homogeneous_closure(THERMAL, layout), T, layout)
     else:
         params = {"k0": PHASE.k0, "alpha": PHASE.alpha, "beta": PHASE.beta}
-        q = thermal_flux(params, T, ufl.grad(T))
+        q = CONDUCTIVITY.ufl_form(params, T, ufl.grad(T))
     F = ufl.inner(q, ufl.grad(v)) * dx - 4.0 * v * dx
     J = ufl.derivative(F, T, ufl.TrialFunction(V))
     ext, ops = None, []
@@ -207,7 +207,7 @@ def mechanical_problem(comm, *, closure):
     else:
         p = MECHANICAL.phases[0]
         params = {"K": p.K, "G": p.G, "c1": p.c1, "c2": p.c2}
-        F = ufl.inner(mechanical_stress(params, ufl.sym(ufl.grad(u))), eps_v) * dx
+        F = ufl.inner(EQUINO_LAW.ufl_form(params, ufl.sym(ufl.grad(u))), eps_v) * dx
     J = ufl.derivative(F, u, ufl.TrialFunction(V))
     ext = None
     if closure:
@@ -272,7 +272,7 @@ def test_external_function_shapes_and_fixed_temperature(comm):
     ext = q.external_function
     assert ext.closure_calls == 1 and ext.requests == 2
     params = {"k0": PHASE.k0, "alpha": PHASE.alpha, "beta": PHASE.beta}
-    F_ufl = ufl.inner(thermal_flux(params, 2.0, ufl.grad(T)), ufl.grad(v)) * dx
+    F_ufl = ufl.inner(CONDUCTIVITY.ufl_form(params, 2.0, ufl.grad(T)), ufl.grad(v)) * dx
     J_ufl = ufl.derivative(F_ufl, T, ufl.TrialFunction(V))
     b, b_ref = fem.assemble_vector(fem.form(F_r)), fem.assemble_vector(fem.form(F_ufl))
     np.testing.assert_allclose(b.array, b_ref.array, atol=1e-12)
@@ -310,7 +310,7 @@ def test_mechanical_jacobian_matches_ufl(comm):
     assert sigma.external_function.closure_calls == 1
     p = MECHANICAL.phases[0]
     params = {"K": p.K, "G": p.G, "c1": p.c1, "c2": p.c2}
-    F_ufl = ufl.inner(mechanical_stress(params, ufl.sym(ufl.grad(u))), ufl.sym(ufl.grad(v))) * dx
+    F_ufl = ufl.inner(EQUINO_LAW.ufl_form(params, ufl.sym(ufl.grad(u))), ufl.sym(ufl.grad(v))) * dx
     J_ufl = ufl.derivative(F_ufl, u, du)
     b, b_ref = fem.assemble_vector(fem.form(F_r)), fem.assemble_vector(fem.form(F_ufl))
     np.testing.assert_allclose(b.array, b_ref.array, atol=1e-10 * np.abs(b_ref.array).max())

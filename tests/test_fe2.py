@@ -19,19 +19,13 @@ import ufl
 from dolfinx import fem, mesh
 from dolfinx.fem.petsc import NonlinearProblem
 
-from neuroscale_coupling.cell.materials import (
-    EQUINO_MATRIX,
-    MechanicalMaterial,
-    ThermalMaterial,
-    ThermalPhase,
-    equino_material,
-)
+from neuroscale_coupling.cell.laws import CONDUCTIVITY, EQUINO_LAW, EQUINO_MATRIX, ThermalPhase
+from neuroscale_coupling.cell.materials import MechanicalMaterial, ThermalMaterial, equino_material
 from neuroscale_coupling.cell.microstructure import (
     centre_and_corner_fibres,
     circular_inclusion,
     laminate,
 )
-from neuroscale_coupling.cell.ufl_laws import mechanical_stress, thermal_flux
 from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.fine.analytic import laminate_exact
 from neuroscale_coupling.fine.fem import FESolver
@@ -90,7 +84,7 @@ def test_homogeneous_cell_reproduces_single_scale_thermal_transient(comm):
     dxq = problem.quadrature.measure
     params = {"k0": phase.k0, "alpha": phase.alpha, "beta": phase.beta}
     F = (
-        ufl.inner(thermal_flux(params, T, ufl.grad(T)), ufl.grad(v)) * dxq
+        ufl.inner(CONDUCTIVITY.ufl_form(params, T, ufl.grad(T)), ufl.grad(v)) * dxq
         - 1.0 * v * ufl.dx
         + 0.5 / dt * (T - T_old) * v * dxq
     )
@@ -143,7 +137,7 @@ def test_homogeneous_cell_reproduces_single_scale_mechanical(comm):
     m = EQUINO_MATRIX
     params = {"K": m.K, "G": m.G, "c1": m.c1, "c2": m.c2}
     eps = ufl.sym(ufl.grad(u))
-    F = ufl.inner(mechanical_stress(params, eps), ufl.sym(ufl.grad(v))) * quad.measure
+    F = ufl.inner(EQUINO_LAW.ufl_form(params, eps), ufl.sym(ufl.grad(v))) * quad.measure
     ref_bcs, ref_load = _pull_bcs(msh, {})
     ref = NonlinearProblem(
         F, u, bcs=ref_bcs(V), petsc_options_prefix="single_mech_", petsc_options=LU

@@ -9,13 +9,8 @@ pytest.importorskip("dolfinx_solver")
 from conftest import assert_same_on_all_ranks
 
 from neuroscale_coupling.cell import microstructure as ms
-from neuroscale_coupling.cell.materials import (
-    MechanicalMaterial,
-    MechanicalPhase,
-    ThermalMaterial,
-    ThermalPhase,
-    equino_material,
-)
+from neuroscale_coupling.cell.laws import MechanicalPhase, ThermalPhase
+from neuroscale_coupling.cell.materials import MechanicalMaterial, ThermalMaterial, equino_material
 from neuroscale_coupling.fine.analytic import laminate_exact
 from neuroscale_coupling.fine.cell_mesh import (
     CellMesh,
@@ -113,7 +108,7 @@ def test_homogeneous_cell_equals_pointwise_law(thermal_solver, mech_solver):
     table = THERMAL.parameter_table()[1]
     fields = {k: torch.tensor(table[c]) for c, k in enumerate(THERMAL.parameter_names)}
     for p, s in enumerate(THERMAL_STATES):
-        q, dq, dth = THERMAL.local(fields, torch.tensor(s[2]), torch.tensor(s[:2]))
+        q, dq, dth = THERMAL.law.torch_form(fields, torch.tensor(s[2]), torch.tensor(s[:2]))
         np.testing.assert_allclose(res.response[p], q.numpy(), rtol=1e-13)
         np.testing.assert_allclose(res.tangent[p, :, :2], dq.numpy(), rtol=1e-12)
         np.testing.assert_allclose(res.tangent[p, :, 2], dth.numpy(), rtol=1e-12)
@@ -123,7 +118,7 @@ def test_homogeneous_cell_equals_pointwise_law(thermal_solver, mech_solver):
     res = mech_solver.solve(np.zeros((8, 8), dtype=np.int64), strains)
     table = EQUINO.parameter_table()[0]
     fields = {k: torch.tensor(table[c]) for c, k in enumerate(EQUINO.parameter_names)}
-    sig, c = EQUINO.local(fields, torch.tensor(strains))
+    sig, c = EQUINO.law.torch_form(fields, torch.tensor(strains))
     assert np.all(np.isfinite(res.tangent))
     np.testing.assert_allclose(res.response, sig.numpy(), rtol=1e-13, atol=1e-12)
     np.testing.assert_allclose(res.tangent, c.numpy(), rtol=1e-12, atol=1e-9)

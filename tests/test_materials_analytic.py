@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuroscale_coupling.cell.materials import (
-    EQUINO_FIBRE,
-    MechanicalMaterial,
-    MechanicalPhase,
-    ThermalMaterial,
-    ThermalPhase,
-    equino_material,
-)
+from neuroscale_coupling.cell.laws import EQUINO_FIBRE, MechanicalPhase, ThermalPhase
+from neuroscale_coupling.cell.materials import MechanicalMaterial, ThermalMaterial, equino_material
 from neuroscale_coupling.cell.symmetry import D4, state_matrix, transform_result
 from neuroscale_coupling.fine.analytic import laminate_exact
 
@@ -34,13 +28,15 @@ def test_thermal_tangent_is_the_jacobian_of_the_flux():
     f = _fields(THERMAL, phases)
     g = torch.from_numpy(rng.normal(size=(3, 4, 4, 2)))
     theta = torch.tensor(0.4, dtype=torch.float64)
-    _, a, b = THERMAL.local(f, theta, g)
-    jac = torch.func.vmap(torch.func.jacrev(lambda gi, fi: THERMAL.local(fi, theta, gi)[0]))
+    _, a, b = THERMAL.law.torch_form(f, theta, g)
+    jac = torch.func.vmap(
+        torch.func.jacrev(lambda gi, fi: THERMAL.law.torch_form(fi, theta, gi)[0])
+    )
     flat = {k: v.reshape(-1) for k, v in f.items()}
     np.testing.assert_allclose(
         jac(g.reshape(-1, 2), flat).numpy(), a.reshape(-1, 2, 2).numpy(), rtol=1e-13
     )
-    djac = torch.func.jacrev(lambda t: THERMAL.local(f, t, g)[0])(theta)
+    djac = torch.func.jacrev(lambda t: THERMAL.law.torch_form(f, t, g)[0])(theta)
     np.testing.assert_allclose(djac.numpy(), b.numpy(), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(a.numpy(), np.swapaxes(a.numpy(), -1, -2))
 
@@ -51,10 +47,10 @@ def test_mechanical_tangent_is_the_jacobian_of_the_stress_and_finite_at_zero():
     f = {k: v.reshape(-1)[:5] for k, v in _fields(mat, rng.integers(0, 2, size=(2, 2, 2))).items()}
     f["K"][0] = 4780.0  # at least one matrix point
     eps = torch.from_numpy(rng.uniform(-0.04, 0.04, size=(5, 3)))
-    _, c = mat.local(f, eps)
-    jac = torch.func.vmap(torch.func.jacrev(lambda e, fi: mat.local(fi, e)[0]))
+    _, c = mat.law.torch_form(f, eps)
+    jac = torch.func.vmap(torch.func.jacrev(lambda e, fi: mat.law.torch_form(fi, e)[0]))
     np.testing.assert_allclose(jac(eps, f).numpy(), c.numpy(), rtol=1e-12, atol=1e-9)
-    sigma0, c0 = mat.local(f, torch.zeros(5, 3, dtype=torch.float64))
+    sigma0, c0 = mat.law.torch_form(f, torch.zeros(5, 3, dtype=torch.float64))
     assert np.all(np.isfinite(c0.numpy())) and np.all(sigma0.numpy() == 0)
     # Matrix at zero strain: K m⊗m + (c1/c2) (I − m⊗m/3).
     m = np.array([1.0, 1.0, 0.0])
@@ -66,7 +62,7 @@ def test_matrix_law_is_only_nearly_symmetric_in_work_conjugate_form():
     """DESIGN.md §4: asymmetry ≈ 0.1 % of the largest entry with engineering shear."""
     mat = MechanicalMaterial(phases=(equino_material().phases[0],))
     f = {k: v[0, 0] for k, v in _fields(mat, np.zeros((2, 2), dtype=int)).items()}
-    _, c = mat.local(f, torch.tensor([0.03, -0.01, 0.02], dtype=torch.float64))
+    _, c = mat.law.torch_form(f, torch.tensor([0.03, -0.01, 0.02], dtype=torch.float64))
     # Work-conjugate pairs (σ11, ε11), (σ22, ε22), (σ12, γ12 = 2 ε12): dσ/d(ε11, ε22, γ12).
     work = c.numpy() @ np.diag([1.0, 1.0, 0.5])
     asym = np.abs(work - work.T).max() / np.abs(work).max()

@@ -19,13 +19,8 @@ import numpy as np
 import pytest
 
 from neuroscale_coupling import cli
-from neuroscale_coupling.cell.materials import (
-    MechanicalMaterial,
-    MechanicalPhase,
-    ThermalMaterial,
-    ThermalPhase,
-    equino_material,
-)
+from neuroscale_coupling.cell.laws import MechanicalPhase, ThermalPhase
+from neuroscale_coupling.cell.materials import MechanicalMaterial, ThermalMaterial, equino_material
 from neuroscale_coupling.cell.microstructure import (
     centre_and_corner_fibres,
     checkerboard,

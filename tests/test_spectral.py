@@ -8,7 +8,8 @@ import torch
 from conftest import assert_same_on_all_ranks
 
 from neuroscale_coupling.cell import microstructure as ms
-from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase, equino_material
+from neuroscale_coupling.cell.laws import ThermalPhase
+from neuroscale_coupling.cell.materials import ThermalMaterial, equino_material
 from neuroscale_coupling.cell.symmetry import transform_image, voigt_rotation
 from neuroscale_coupling.fine import spectral
 from neuroscale_coupling.fine.analytic import laminate_exact
@@ -51,10 +52,10 @@ def test_homogeneous_cell_is_the_pointwise_law(phase):
         f = {k: table[c].expand(len(states)) for c, k in enumerate(material.parameter_names)}
         s = torch.from_numpy(states)
         if material is THERMAL:
-            q, a, dq_dtheta = material.local(f, s[:, 2], s[:, :2])
+            q, a, dq_dtheta = material.law.torch_form(f, s[:, 2], s[:, :2])
             tangent = torch.cat((a, dq_dtheta[..., None]), -1)
         else:
-            q, tangent = material.local(f, s)
+            q, tangent = material.law.torch_form(f, s)
         np.testing.assert_allclose(got.response, q.numpy(), rtol=1e-13, atol=0)
         np.testing.assert_allclose(got.tangent, tangent.numpy(), rtol=1e-12, atol=1e-14)
         assert np.all(got.newton_iterations == 0)

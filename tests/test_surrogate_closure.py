@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from mpi4py import MPI
 
 pytest.importorskip("dolfinx_solver")
@@ -14,7 +15,8 @@ pytest.importorskip("dolfinx_solver")
 from conftest import assert_same_on_all_ranks
 from surrogate_cases import tiny_surrogate
 
-from neuroscale_coupling.cell.materials import ThermalMaterial, ThermalPhase
+from neuroscale_coupling.cell.laws import ThermalPhase
+from neuroscale_coupling.cell.materials import ThermalMaterial
 from neuroscale_coupling.cell.microstructure import checkerboard, laminate
 from neuroscale_coupling.cell.symmetry import D4, transform_image
 from neuroscale_coupling.closure.exact import ExactClosure
@@ -26,8 +28,16 @@ OFF = FallbackPolicy(std_rel=math.inf, domain_tol=math.inf, family_threshold=mat
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny32(tmp_path_factory):
+    """The tiny model as trained (float32)."""
     return tiny_surrogate(tmp_path_factory.mktemp("sc"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny32):
+    """A float64 copy: the closure decodes in float64, so its answers equal predict's."""
+    sur, data = tiny32
+    return sur.to(dtype=torch.float64), data
 
 
 def _points(data, n, seed=0):
@@ -50,7 +60,8 @@ def test_no_fallback_equals_the_surrogate(tiny, comm):
         sur, FESolver(sur.material), _local(comm, cells), comm=comm, policy=OFF
     )
     res = closure.evaluate(_local(comm, states))
-    q, t, s = sur.predict(_local(comm, cells), _local(comm, states))
+    pred = sur.predict(_local(comm, cells), _local(comm, states))
+    q, t, s = pred.response, pred.tangent, pred.std
     np.testing.assert_allclose(res.response, q, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(res.tangent, t, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(res.std, s, rtol=1e-12, atol=1e-14)
@@ -59,19 +70,29 @@ def test_no_fallback_equals_the_surrogate(tiny, comm):
     assert stats.exact_solves == 0 and stats.fallbacks == dict.fromkeys(stats.fallbacks, 0)
     assert stats.max_std == pytest.approx(comm.allreduce(float(s.max(initial=0)), op=MPI.MAX))
     # per symmetry class std factors reach the closure's std as they reach predict's
-    model = sur.model
-    saved = [b.clone() for b in (model.class_std_factor, model.class_interval_table)]
-    try:
-        table = model.interval_table.double().numpy()
-        model.set_interval_multipliers(table, [3.0, 1.5, 2.0, 0.25])
-        res = closure.evaluate(_local(comm, states))
-        _, _, s2 = sur.predict(_local(comm, cells), _local(comm, states))
-        np.testing.assert_allclose(res.std, s2, rtol=1e-12, atol=1e-14)
-        if s2.size:
-            assert not np.allclose(s2, s)
-    finally:
-        model.class_std_factor.copy_(saved[0])
-        model.class_interval_table.copy_(saved[1])
+    own = closure.surrogate  # the closure's copy: changing it leaves the caller's model alone
+    own.model.set_interval_multipliers(
+        own.model.interval_table.double().numpy(), [3.0, 1.5, 2.0, 0.25]
+    )
+    res = closure.evaluate(_local(comm, states))
+    s2 = own.predict(_local(comm, cells), _local(comm, states)).std
+    np.testing.assert_allclose(res.std, s2, rtol=1e-12, atol=1e-14)
+    if s2.size:
+        assert not np.allclose(s2, s)
+    np.testing.assert_array_equal(sur.predict(_local(comm, cells), _local(comm, states)).std, s)
+
+
+def test_closure_leaves_the_callers_model_as_it_is(tiny32, comm):
+    """The closure decodes with its own float64 CPU copy of the model."""
+    sur, data = tiny32
+    cells, states = _points(data, 6)
+    before = {k: v.clone() for k, v in sur.model.state_dict().items()}
+    closure = SurrogateClosure(sur, FESolver(sur.material), _local(comm, cells), comm=comm)
+    closure.evaluate(_local(comm, states))
+    assert closure.surrogate.model.state_scale.dtype == torch.float64
+    assert closure.surrogate.model is not sur.model
+    for k, v in sur.model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
 
 
 def test_all_fallback_equals_the_exact_closure_on_any_distribution(tiny, comm):
@@ -111,7 +132,7 @@ def test_domain_fallback_marks_exactly_the_points_outside(tiny, comm):
     np.testing.assert_array_equal(res.exact, outside)
     ref = solver.solve(_local(comm, cells)[outside], _local(comm, states)[outside])
     np.testing.assert_allclose(res.response[outside], ref.response, rtol=1e-12)
-    q, _, _ = sur.predict(_local(comm, cells), _local(comm, states))
+    q = sur.predict(_local(comm, cells), _local(comm, states)).response
     np.testing.assert_allclose(res.response[~outside], q[~outside], rtol=1e-12)
     assert closure.end_step().fallbacks == {"domain": 4, "family": 0, "uncertainty": 0}
 
@@ -145,7 +166,7 @@ def test_family_ratio_marks_foreign_cells_and_inflates_their_std(tiny, comm):
     beyond 1."""
     sur, data = tiny
     # the family was fitted on the training cells under the 8 symmetries of the square
-    train = sur.metadata["reference_obj"]["train"].images.astype(np.int64)
+    train = sur.training_images.astype(np.int64)
     train_images = np.concatenate([transform_image(train, r) for r in D4])
     n = train_images.shape[-1]
     foreign = np.stack([checkerboard(n, 2), laminate(n, 0.5), laminate(n, 0.25)])
@@ -166,14 +187,14 @@ def test_family_ratio_marks_foreign_cells_and_inflates_their_std(tiny, comm):
     np.testing.assert_array_equal(res.exact, ratio > cut)
     assert res.exact[-3:].all(), (ratio[-3:], cut)  # laminates and checkerboard are foreign
     # the std's family term: √(calibrated² + (gain · (ρ − 1)₊ · ‖Q‖)²)
-    _, _, std = sur.predict(cells, states)
+    std = sur.predict(cells, states).std
     with_family = np.linalg.norm(std, axis=1)
     sur.model.family_gain.zero_()
     try:
-        _, _, base = sur.predict(cells, states)
+        base = sur.predict(cells, states).std
     finally:
         sur.model.family_gain.fill_(1.0)
-    q, _, _ = sur.predict(cells, states)
+    q = sur.predict(cells, states).response
     excess = np.maximum(ratio - 1, 0) * np.linalg.norm(q, axis=1)
     np.testing.assert_allclose(
         with_family**2, np.linalg.norm(base, axis=1) ** 2 + 2 * excess**2, rtol=1e-5, atol=1e-12

@@ -13,12 +13,8 @@ pytest.importorskip("dolfinx_solver")
 from conftest import assert_same_on_all_ranks
 
 from neuroscale_coupling.cell.family import CellFamily, CellMember
-from neuroscale_coupling.cell.materials import (
-    ThermalMaterial,
-    ThermalPhase,
-    equino_material,
-    phase_values,
-)
+from neuroscale_coupling.cell.laws import ThermalPhase
+from neuroscale_coupling.cell.materials import ThermalMaterial, equino_material, phase_values
 from neuroscale_coupling.data.dataset import Dataset, pack_images, unpack_images
 from neuroscale_coupling.data.domain import StateDomain
 from neuroscale_coupling.data.generate import generate

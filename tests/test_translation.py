@@ -56,8 +56,8 @@ def test_shipped_mechanical_model_is_translation_invariant():
     states = sur.domain.sample(16, seed=1)
     base = sur.predict(np.broadcast_to(cell, (16, n, n)), states)
     moved = sur.predict(np.broadcast_to(np.roll(cell, (5, 9), axis=(0, 1)), (16, n, n)), states)
-    for a, b in zip(base, moved, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for k in ("response", "tangent", "std"):
+        np.testing.assert_array_equal(getattr(base, k), getattr(moved, k))
     assert sur.family_ratio(cell[None])[0] == sur.family_ratio(np.roll(cell, 7, axis=1)[None])[0]
 
 

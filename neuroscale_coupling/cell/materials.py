@@ -1,21 +1,17 @@
-"""Phase laws (DESIGN.md §4) and the two-phase-or-more materials built from them.
+"""Materials: the phases of a cell, indexed by the phase ids of its image, and their law.
 
-Thermal phase law (per phase, macro temperature θ, local gradient g ∈ R²)::
+A material is a tuple of phases (parameter records of its law) and the law itself
+(:mod:`~neuroscale_coupling.cell.laws`): :class:`ThermalMaterial` follows
+:class:`~neuroscale_coupling.cell.laws.conductivity.NonlinearConductivity`,
+:class:`MechanicalMaterial` the EquiNO law
+(:class:`~neuroscale_coupling.cell.laws.equino.EquinoElasticity`). States and responses
+are laid out as :mod:`~neuroscale_coupling.cell.state_layout` says. Every tangent is the
+plain Jacobian of the returned vector with respect to the listed state components, e.g.
+dσ/dε[i, j] = ∂σ_i/∂ε_j with ε12 (= ε21) as one variable.
 
-    q = k(θ, g) g,   k = k0 (1 + α θ) (1 + β |g|²),   k0 > 0, β >= 0
-
-Mechanical phase law (plane strain, tensor-shear Voigt ε = (ε11, ε22, ε12))::
-
-    σ = K tr(ε) m + μ(‖e‖) e,   m = (1, 1, 0),   e = ε - tr(ε)/3 m,
-    ‖e‖² = e11² + e22² + 2 e12²,   μ(s) = 2 G + c1 / (c2 + s)
-
-A linear elastic phase has c1 = 0; the EquiNO matrix has G = 0, c1 = 50, c2 = 0.06.
-Stresses are returned in the same tensor-shear Voigt order (σ11, σ22, σ12), and every
-tangent is the plain Jacobian of the returned vector with respect to the listed state
-components, e.g. dσ/dε[i, j] = ∂σ_i/∂ε_j with ε12 (= ε21) as one variable.
-
-The local laws are written once, in torch (imported lazily), and shared by the spectral
-solver and the tests; the FE solver states the same formulas in UFL.
+The default materials (:func:`default_material`) are the built-in composites: a
+two-phase conductor with contrast 10, and the EquiNO composite (nonlinear matrix,
+elastic fibre).
 """
 
 from collections.abc import Mapping
@@ -24,88 +20,35 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from neuroscale_coupling.cell.laws import (
+    CONDUCTIVITY,
+    EQUINO_FIBRE,
+    EQUINO_LAW,
+    EQUINO_MATRIX,
+    MechanicalPhase,
+    PhaseLaw,
+    ThermalPhase,
+)
 from neuroscale_coupling.cell.microstructure import from_array
+from neuroscale_coupling.cell.state_layout import MECHANICAL, THERMAL, layout_of
 
 __all__ = [
-    "EQUINO_FIBRE",
-    "EQUINO_MATRIX",
     "Material",
     "MechanicalMaterial",
-    "MechanicalPhase",
     "ThermalMaterial",
-    "ThermalPhase",
+    "default_material",
     "equino_material",
+    "material_from_dict",
+    "material_to_dict",
+    "phase_values",
 ]
-
-
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not (np.isfinite(value) and ok):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(
-            f"phase parameter {name}={value!r} is invalid: it must be finite and {bound}"
-        )
-
-
-@dataclass(frozen=True)
-class ThermalPhase:
-    """Nonlinear conductor ``k = k0 (1 + alpha θ)(1 + beta |g|²)``."""
-
-    k0: float
-    alpha: float = 0.0
-    beta: float = 0.0
-
-    def __post_init__(self) -> None:
-        _positive("k0", self.k0)
-        _positive("beta", self.beta, allow_zero=True)
-        if not np.isfinite(self.alpha):
-            raise ValueError(f"phase parameter alpha={self.alpha!r} must be finite")
-
-
-@dataclass(frozen=True)
-class MechanicalPhase:
-    """``σ = K tr(ε) m + (2G + c1/(c2 + ‖e‖)) e`` (see the module docstring)."""
-
-    K: float
-    G: float = 0.0
-    c1: float = 0.0
-    c2: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive("K", self.K)
-        _positive("G", self.G, allow_zero=True)
-        _positive("c1", self.c1, allow_zero=True)
-        _positive("c2", self.c2)
-        if self.G == 0 and self.c1 == 0:
-            raise ValueError(
-                "a mechanical phase with G = 0 and c1 = 0 has no shear stiffness: "
-                "give G > 0 (linear elastic) or c1 > 0 (EquiNO matrix law)"
-            )
-
-    @classmethod
-    def linear_elastic(cls, E: float, nu: float) -> "MechanicalPhase":
-        """Linear elastic phase from Young's modulus E and Poisson's ratio nu."""
-        if not -1.0 < nu < 0.5:
-            raise ValueError(f"Poisson ratio nu={nu!r} must lie in (-1, 0.5)")
-        return cls(K=E / (3 * (1 - 2 * nu)), G=E / (2 * (1 + nu)))
-
-
-#: EquiNO matrix: K = 4780, c1 = 50, c2 = 0.06.
-EQUINO_MATRIX = MechanicalPhase(K=4780.0, c1=50.0, c2=0.06)
-#: EquiNO fibre: linear elastic, E = 73000, ν = 0.22 (K = 43452.381, G = 29918.0328).
-EQUINO_FIBRE = MechanicalPhase(K=43452.381, G=29918.0328)
-
-
-def _torch() -> Any:
-    import torch
-
-    return torch
 
 
 @dataclass(frozen=True)
 class Material:
     """Base of the materials: phases indexed by the phase ids of a cell image."""
 
+    law: ClassVar[PhaseLaw]
     physics: ClassVar[str]
     state_names: ClassVar[tuple[str, ...]]
     response_names: ClassVar[tuple[str, ...]]
@@ -161,6 +104,11 @@ class Material:
     def __post_init__(self) -> None:
         if len(self.phases) == 0:
             raise ValueError(f"a {self.physics} material needs at least one phase")
+        for p in self.phases:
+            if not isinstance(p, self.law.phase):
+                raise TypeError(
+                    f"{type(self).__name__} phases must be {self.law.phase.__name__}; got {p!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -171,37 +119,12 @@ class ThermalMaterial(Material):
     dQ/dG (symmetric positive definite), column 2 is dQ/dθ.
     """
 
-    physics: ClassVar[str] = "thermal"
-    state_names: ClassVar[tuple[str, ...]] = ("G1", "G2", "theta")
-    response_names: ClassVar[tuple[str, ...]] = ("Q1", "Q2")
-    parameter_names: ClassVar[tuple[str, ...]] = ("k0", "alpha", "beta")
+    law: ClassVar[PhaseLaw] = CONDUCTIVITY
+    physics: ClassVar[str] = THERMAL.physics
+    state_names: ClassVar[tuple[str, ...]] = THERMAL.state_names
+    response_names: ClassVar[tuple[str, ...]] = THERMAL.response_names
+    parameter_names: ClassVar[tuple[str, ...]] = CONDUCTIVITY.parameter_names
     phases: tuple[ThermalPhase, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for p in self.phases:
-            if not isinstance(p, ThermalPhase):
-                raise TypeError(f"ThermalMaterial phases must be ThermalPhase; got {p!r}")
-
-    @staticmethod
-    def local(fields: dict[str, Any], theta: Any, g: Any) -> tuple[Any, Any, Any]:
-        """Pointwise law in torch.
-
-        fields: ``k0, alpha, beta`` tensors of shape S; theta: broadcastable to S;
-        g: (*S, 2). Returns q (*S, 2), dq/dg (*S, 2, 2), dq/dθ (*S, 2).
-        """
-        torch = _torch()
-        a = fields["k0"] * (1 + fields["alpha"] * theta)
-        gg = (g * g).sum(-1)
-        b = 1 + fields["beta"] * gg
-        k = a * b
-        q = k[..., None] * g
-        eye = torch.eye(2, dtype=g.dtype, device=g.device)
-        dq_dg = k[..., None, None] * eye + (2 * a * fields["beta"])[..., None, None] * (
-            g[..., :, None] * g[..., None, :]
-        )
-        dq_dtheta = (fields["k0"] * fields["alpha"] * b)[..., None] * g
-        return q, dq_dg, dq_dtheta
 
 
 @dataclass(frozen=True)
@@ -209,45 +132,18 @@ class MechanicalMaterial(Material):
     """Plane-strain nonlinear elasticity. State E = (E11, E22, E12) (tensor shear);
     response Σ = ⟨σ⟩ (S11, S22, S12); tangent dΣ/dE, shape (3, 3)."""
 
-    physics: ClassVar[str] = "mechanical"
-    state_names: ClassVar[tuple[str, ...]] = ("E11", "E22", "E12")
-    response_names: ClassVar[tuple[str, ...]] = ("S11", "S22", "S12")
-    parameter_names: ClassVar[tuple[str, ...]] = ("K", "G", "c1", "c2")
+    law: ClassVar[PhaseLaw] = EQUINO_LAW
+    physics: ClassVar[str] = MECHANICAL.physics
+    state_names: ClassVar[tuple[str, ...]] = MECHANICAL.state_names
+    response_names: ClassVar[tuple[str, ...]] = MECHANICAL.response_names
+    parameter_names: ClassVar[tuple[str, ...]] = EQUINO_LAW.parameter_names
     phases: tuple[MechanicalPhase, ...] = field(default=())
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for p in self.phases:
-            if not isinstance(p, MechanicalPhase):
-                raise TypeError(f"MechanicalMaterial phases must be MechanicalPhase; got {p!r}")
 
-    @staticmethod
-    def local(fields: dict[str, Any], eps: Any) -> tuple[Any, Any]:
-        """Pointwise law in torch.
-
-        fields: ``K, G, c1, c2`` tensors of shape S; eps: (*S, 3) tensor-shear Voigt.
-        Returns σ (*S, 3) and dσ/dε (*S, 3, 3).
-        """
-        torch = _torch()
-        m = torch.tensor([1.0, 1.0, 0.0], dtype=eps.dtype, device=eps.device)
-        w = torch.tensor([1.0, 1.0, 2.0], dtype=eps.dtype, device=eps.device)
-        tr = eps[..., 0] + eps[..., 1]
-        e = eps - (tr / 3)[..., None] * m
-        s = torch.sqrt((w * e * e).sum(-1))
-        inv = fields["c1"] / (fields["c2"] + s)
-        mu = 2 * fields["G"] + inv
-        sigma = (fields["K"] * tr)[..., None] * m + mu[..., None] * e
-        mm = m[:, None] * m[None, :]
-        dev = torch.eye(3, dtype=eps.dtype, device=eps.device) - mm / 3
-        # ds/dε = (w∘e)ᵀ dev / s; μ'(s) = -c1/(c2+s)²; the product with e vanishes as e → 0.
-        ds = (w * e) @ dev / torch.clamp(s, min=torch.finfo(eps.dtype).tiny)[..., None]
-        dmu = -inv / (fields["c2"] + s)
-        tangent = (
-            fields["K"][..., None, None] * mm
-            + mu[..., None, None] * dev
-            + dmu[..., None, None] * (e[..., :, None] * ds[..., None, :])
-        )
-        return sigma, tangent
+_MATERIALS: dict[str, type[Material]] = {
+    ThermalMaterial.physics: ThermalMaterial,
+    MechanicalMaterial.physics: MechanicalMaterial,
+}
 
 
 def equino_material() -> MechanicalMaterial:
@@ -255,9 +151,18 @@ def equino_material() -> MechanicalMaterial:
     return MechanicalMaterial(phases=(EQUINO_MATRIX, EQUINO_FIBRE))
 
 
+def default_material(physics: str) -> ThermalMaterial | MechanicalMaterial:
+    """The built-in material of ``physics``: thermal, a linear two-phase conductor
+    (k0 = 1 matrix, k0 = 10 inclusions); mechanical, the EquiNO composite."""
+    layout_of(physics)
+    if physics == ThermalMaterial.physics:
+        return ThermalMaterial(phases=(ThermalPhase(1.0), ThermalPhase(10.0)))
+    return equino_material()
+
+
 def material_to_dict(material: ThermalMaterial | MechanicalMaterial) -> dict[str, Any]:
     """Plain description ``{"physics", "phases": [{param: value}]}`` of a material."""
-    if not isinstance(material, ThermalMaterial | MechanicalMaterial):
+    if not isinstance(material, Material):
         raise TypeError(
             f"expected a ThermalMaterial or MechanicalMaterial; got {type(material).__name__}"
         )
@@ -272,18 +177,20 @@ def material_to_dict(material: ThermalMaterial | MechanicalMaterial) -> dict[str
 def material_from_dict(d: Mapping[str, Any]) -> ThermalMaterial | MechanicalMaterial:
     """Inverse of :func:`material_to_dict`."""
     physics = d.get("physics")
-    if physics == "thermal":
-        return ThermalMaterial(phases=tuple(ThermalPhase(**p) for p in d["phases"]))
-    if physics == "mechanical":
-        return MechanicalMaterial(phases=tuple(MechanicalPhase(**p) for p in d["phases"]))
-    raise ValueError(f"unknown physics {physics!r} in a material record: 'thermal'/'mechanical'")
+    if physics not in _MATERIALS:
+        raise ValueError(
+            f"unknown physics {physics!r} in a material record: {', '.join(_MATERIALS)}"
+        )
+    cls = _MATERIALS[physics]
+    return cls(phases=tuple(cls.law.phase(**p) for p in d["phases"]))  # type: ignore[arg-type]
 
 
 def phase_values(material: ThermalMaterial | MechanicalMaterial) -> np.ndarray:
     """Scalar value per phase used to turn a phase image into a field, shape (n_phases,).
 
-    log k0 (thermal) or log K (bulk modulus, mechanical): a physical scale shared by
-    cells of different phase laws, where the raw phase id would not be.
+    The log of the law's stiffness parameter (``law.stiffness``: k0, thermal; K, the bulk
+    modulus, mechanical): a physical scale shared by cells of different phase laws, where
+    the raw phase id would not be.
     """
-    name = "k0" if isinstance(material, ThermalMaterial) else "K"
+    name = material.law.stiffness
     return np.log(np.array([float(getattr(p, name)) for p in material.phases]))

@@ -5,9 +5,10 @@ on this rank and receives the homogenized response, its consistent tangent, a st
 deviation and a mask of points that were solved exactly. Every call here is collective
 over the closure's communicator, also on a rank that owns no points.
 
-This module holds the contract and the exact-micro backend, :class:`ExactClosure`, which
-answers every point with a true fine-scale solve (the reference FE²): the work is spread
-evenly over the ranks and the results return to their owners.
+This module holds the contract: :class:`Closure` (the call order and the step
+bookkeeping), :class:`ClosureResult`, :class:`StepStats` and the fallback reason codes
+(:data:`FALLBACK_REASONS`). The backends are :class:`~neuroscale_coupling.closure.exact.
+ExactClosure` and :class:`~neuroscale_coupling.closure.surrogate_closure.SurrogateClosure`.
 """
 
 import time
@@ -22,10 +23,11 @@ from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import BlockPlan, collective_call, gather, scatter
 
-__all__ = ["FALLBACK_REASONS", "Closure", "ClosureResult", "StepStats", "as_states", "log"]
+__all__ = ["FALLBACK_REASONS", "Closure", "ClosureResult", "StepStats", "as_states"]
 
 
-# Why a point was handed to the fine solver; reason code k + 1 in per-point arrays, 0 = not.
+#: Why a point was handed to the fine solver, in the order the tests are applied (a point
+#: failing several counts under the first); reason code k + 1 in per-point arrays, 0 = not.
 FALLBACK_REASONS = ("domain", "family", "uncertainty")
 
 

@@ -72,6 +72,7 @@ from neuroscale_coupling.data.split import translation_groups
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import collective_call
 from neuroscale_coupling.surrogate.calibration import fit_calibration, fit_symmetry_classes
+from neuroscale_coupling.surrogate.loss import DataLoss
 from neuroscale_coupling.surrogate.model import SANOPrediction
 from neuroscale_coupling.surrogate.model_file import Surrogate
 
@@ -129,11 +130,11 @@ class OnlineEnrichment:
     """Buffer of exact fine-solve rows and collective fine-tuning of a surrogate.
 
     surrogate: fine-tuned in place (``surrogate.model``, whatever its dtype and device;
-    converting it in place with ``.double()``/``.to()`` between updates is fine). Its
-    metadata must hold ``normalization_obj`` and ``reference_obj`` with "train" and "val"
-    datasets, as :func:`~neuroscale_coupling.surrogate.model_file.load_model` returns for
-    files written by training. comm: the ranks that update together; every rank must hold
-    the same weights at construction. Construction is collective. See the module doc.
+    converting it in place with ``.double()``/``.to()`` between updates is fine). It
+    must hold the reference training and validation samples (``replay_data``,
+    ``calibration_data``), as model files written by training do. comm: the ranks that
+    update together; every rank must hold the same weights at construction. Construction
+    is collective. See the module doc.
     """
 
     def __init__(
@@ -151,20 +152,21 @@ class OnlineEnrichment:
         collective_call(comm, self._setup, "online enrichment setup")
 
     def _setup(self) -> None:
-        meta = self.surrogate.metadata
-        ref = dict(meta.get("reference_obj") or {})
-        missing = [k for k in ("train", "val") if k not in ref or len(ref[k]) == 0]
+        sur = self.surrogate
+        missing = [
+            name
+            for name, data in (("train", sur.replay_data), ("val", sur.calibration_data))
+            if data is None or len(data) == 0
+        ]
         if missing:
             raise ValueError(
-                f"the surrogate's metadata has no reference {missing} rows: online "
-                "enrichment replays and recalibrates on them; load a model file written "
-                "by neuroscale train (load_model gives them as metadata['reference_obj'])"
+                f"the surrogate holds no reference {missing} rows: online enrichment replays "
+                "and recalibrates on them; load a model file written by neuroscale train"
             )
-        self._replay: Dataset = ref["train"]
-        self._val: Dataset = ref["val"]
-        norm = meta["normalization_obj"]
-        self._rscale = np.asarray(norm.response_scale, dtype=float)
-        self._hw = np.asarray(norm.state_half_width, dtype=float)
+        self._replay: Dataset = sur.replay_data  # type: ignore[assignment]
+        self._val: Dataset = sur.calibration_data  # type: ignore[assignment]
+        self._rscale = sur.response_scale
+        self._loss = DataLoss(sur.normalization, tangent_weight=self.options.tangent_weight)
         cfg = self.model.config
         self._d, self._r = cfg.state_dim, cfg.response_dim
         self._n = cfg.image_size
@@ -272,15 +274,6 @@ class OnlineEnrichment:
             latent, self._tensor(states), cells=torch.as_tensor(cells, device=p.device)
         )
 
-    def _row_loss(
-        self, pred: SANOPrediction, response: np.ndarray, tangent: np.ndarray
-    ) -> torch.Tensor:
-        """Normalized loss per row (N,): response MSE + tangent_weight × tangent MSE."""
-        rs, hw = self._tensor(self._rscale), self._tensor(self._hw)
-        er = (pred.response - self._tensor(response)) / rs
-        et = (pred.tangent - self._tensor(tangent)) * hw / rs[:, None]
-        return er.pow(2).mean(1) + self.options.tangent_weight * et.pow(2).mean((1, 2))
-
     def _loss_sum(
         self,
         images: np.ndarray,
@@ -302,7 +295,14 @@ class OnlineEnrichment:
                 latent = model.encode(self.surrogate.model_inputs(images[used]))
                 rows = torch.as_tensor(inv, device=latent.device)
                 pred = model.decode(latent, self._tensor(states[sl]), cells=rows)
-                total += float(self._row_loss(pred, response[sl], tangent[sl]).sum())
+                total += float(
+                    self._loss.rows(
+                        pred.response,
+                        pred.tangent,
+                        self._tensor(response[sl]),
+                        self._tensor(tangent[sl]),
+                    ).sum()
+                )
                 rs = self._tensor(self._rscale)
                 errs.append(((pred.response - self._tensor(response[sl])) / rs).double().cpu())
                 stds.append((pred.std / rs).double().cpu())
@@ -355,10 +355,11 @@ class OnlineEnrichment:
                 np.concatenate([inv_b.reshape(-1), inv_r.reshape(-1) + used_b.size]),
                 np.concatenate([self._states[buf_rows], rp.states[rep_rows]]),
             )
-            row = self._row_loss(
-                pred,
-                np.concatenate([self._response[buf_rows], rp.response[rep_rows]]),
-                np.concatenate([self._tangent[buf_rows], rp.tangent[rep_rows]]),
+            row = self._loss.rows(
+                pred.response,
+                pred.tangent,
+                self._tensor(np.concatenate([self._response[buf_rows], rp.response[rep_rows]])),
+                self._tensor(np.concatenate([self._tangent[buf_rows], rp.tangent[rep_rows]])),
             )
             nb = buf_rows.size
             (w_buf * row[:nb].sum() + w_rep * row[nb:].sum()).backward()

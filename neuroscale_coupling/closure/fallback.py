@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from neuroscale_coupling.closure.contract import FALLBACK_REASONS
+
 __all__ = ["FallbackPolicy", "fallback_reasons"]
 
 
@@ -77,8 +79,12 @@ def fallback_reasons(
     uncertain = (np.max(std, axis=1, initial=0.0) > policy.std_abs) | (
         np.linalg.norm(std, axis=1) > policy.std_rel * size
     )
+    failed = {
+        "domain": domain_distance > policy.domain_tol,
+        "family": family_ratio > policy.family_threshold,
+        "uncertainty": uncertain,
+    }
     reason = np.zeros(n, dtype=np.int8)
-    for code, mask in ((3, uncertain), (2, family_ratio > policy.family_threshold)):
-        reason[mask] = code
-    reason[domain_distance > policy.domain_tol] = 1
+    for code in range(len(FALLBACK_REASONS), 0, -1):  # the first failed test names the point
+        reason[failed[FALLBACK_REASONS[code - 1]]] = code
     return reason

@@ -35,14 +35,12 @@ from mpi4py import MPI
 
 from neuroscale_coupling.cell.materials import material_to_dict
 from neuroscale_coupling.cell.microstructure import distinct_images
-from neuroscale_coupling.cell.symmetry import symmetry_order
 from neuroscale_coupling.closure.contract import FALLBACK_REASONS, Closure, ClosureResult
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions, OnlineEnrichment
 from neuroscale_coupling.closure.fallback import FallbackPolicy, fallback_reasons
 from neuroscale_coupling.fine.protocol import FineSolver, broadcast_cells
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import BlockPlan, collective_call, scatter
-from neuroscale_coupling.surrogate.inputs import wavelet_inputs
 from neuroscale_coupling.surrogate.model_file import Surrogate
 
 __all__ = ["SurrogateClosure"]
@@ -81,7 +79,7 @@ class SurrogateClosure(Closure):
                 f"the model's {material_to_dict(material)}: build the solver with "
                 "surrogate.material"
             )
-        size = surrogate.model.config.image_size
+        size = surrogate.image_size
 
         def local_cells() -> np.ndarray:
             if self.n_local == 0:
@@ -94,27 +92,24 @@ class SurrogateClosure(Closure):
             return broadcast_cells(cells, self.n_local, material.n_phases).astype(np.int8)
 
         self.cells = collective_call(comm, local_cells, "surrogate closure setup")
-        self.surrogate = surrogate
-        self.model = surrogate.model.to(dtype=torch.float64, device="cpu").eval()
+        # The closure's own float64 CPU copy: the caller's model is left as it is, and
+        # online enrichment fine-tunes this copy.
+        self.surrogate = surrogate.to(dtype=torch.float64, device="cpu")
         self.solver = solver
         self.policy = FallbackPolicy() if policy is None else policy
-        self._unique, self._cell_of_point = distinct_images(self.cells)
-        self._latent = self._encode(self._unique)
-        fitted = float(self.model.family_scale) > 0
-        if not fitted and np.isfinite(self.policy.family_threshold):
+        if not self.surrogate.has_family_statistics and np.isfinite(self.policy.family_threshold):
             raise ValueError(
                 "the model holds no training-family statistics (SANO.fit_family): retrain "
                 "it with this version, or set FallbackPolicy(family_threshold=math.inf)"
             )
-        self._family = surrogate.family_ratio(self._unique, self._latent)
-        self._symmetry = symmetry_order(self._unique)
-        self.family_ratio = self._family[self._cell_of_point]
-        norm = surrogate.metadata["normalization_obj"]
-        self._response_rms = np.asarray(norm.response_scale, dtype=float)
+        self._unique, self._cell_of_point = distinct_images(self.cells)
+        self._encoded = self.surrogate.encode(self._unique)
+        self.family_ratio = self._encoded.family_ratio[self._cell_of_point]
+        self._response_rms = self.surrogate.response_scale
         self.enrichment = (
             None
             if enrichment is None
-            else OnlineEnrichment(surrogate, comm=comm, options=enrichment)
+            else OnlineEnrichment(self.surrogate, comm=comm, options=enrichment)
         )
         self.reason = np.zeros(self.n_local, dtype=np.int8)
         self.predicted_std = np.zeros((self.n_local, material.response_dim))
@@ -145,33 +140,8 @@ class SurrogateClosure(Closure):
         return cls(surrogate, solver, cells, comm=comm, policy=policy, enrichment=enrichment)
 
     # ------------------------------------------------------------------ surrogate
-    def _encode(self, images: np.ndarray) -> torch.Tensor:
-        """Latents (B, L) of images (B, n, n), float64, no grad."""
-        if images.shape[0] == 0:
-            return torch.zeros((0, self.model.config.latent), dtype=torch.float64)
-        with torch.no_grad():
-            coeffs = wavelet_inputs(
-                self.surrogate.wavelet,
-                images,
-                torch.float64,
-                torch.device("cpu"),
-                canonical=self.model.config.canonical_translation,
-            )
-            return self.model.encode(coeffs)
-
     def _predict(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if states.shape[0] == 0:
-            d, r = self.material.state_dim, self.material.response_dim
-            return np.zeros((0, r)), np.zeros((0, r, d)), np.zeros((0, r))
-        with torch.no_grad():
-            p = self.model.decode(
-                self._latent,
-                torch.from_numpy(states),
-                cells=torch.from_numpy(self._cell_of_point),
-                family=torch.from_numpy(self._family),
-                symmetry=self._symmetry,
-            )
-        return p.response.numpy(), p.tangent.numpy(), p.std.numpy()
+        return self.surrogate.decode(self._encoded, states, self._cell_of_point)
 
     # ------------------------------------------------------------------ decisions
     def begin_step(self, step: int) -> None:
@@ -261,8 +231,10 @@ class SurrogateClosure(Closure):
             m = self._marked
             self.enrichment.add(self.cells[m], states[m], result.response[m], result.tangent[m])
             info = self.enrichment.update()
-            if info.get("rows", 0):
-                self._latent = self._encode(self._unique)
+            if info.get("rows", 0):  # same cells, updated model: new latents, same ratios
+                self._encoded = self.surrogate.encode(
+                    self._unique, family_ratio=self._encoded.family_ratio
+                )
                 self.enrichment_history.append(info)
                 self._current().enrichment = info
         return super().end_step()

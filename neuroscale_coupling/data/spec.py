@@ -106,7 +106,7 @@ class DatasetSpec:
         outer_seed, inner_seed, order_seed = seed.spawn(3)
         outer = self.domain.sample(n - n_inner, outer_seed)
         inner = self.domain.sample(n_inner, inner_seed)
-        loads = np.array([name != "theta" for name in self.domain.names])
+        loads = np.arange(self.domain.dim) < self.material.law.layout.driving
         c = self.domain.center
         shrink: float | np.ndarray = self.inner_scale
         if self.inner_scale_min != self.inner_scale:

@@ -38,9 +38,9 @@ def _local(material: Material, y: np.ndarray, theta: np.ndarray) -> tuple[np.nda
     fields = {name: table[:, c] for c, name in enumerate(material.parameter_names)}
     yt = torch.from_numpy(y)
     if isinstance(material, ThermalMaterial):
-        q, a, dq_dtheta = material.local(fields, torch.from_numpy(theta)[:, None], yt)
+        q, a, dq_dtheta = material.law.torch_form(fields, torch.from_numpy(theta)[:, None], yt)
         return q.numpy(), a.numpy(), dq_dtheta.numpy()
-    sigma, c = material.local(fields, yt)
+    sigma, c = material.law.torch_form(fields, yt)
     return sigma.numpy(), c.numpy(), np.zeros_like(y)
 
 

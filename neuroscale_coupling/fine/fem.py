@@ -46,8 +46,8 @@ from mpi4py import MPI
 from petsc4py import PETSc
 from scipy.spatial import cKDTree
 
+from neuroscale_coupling.cell.laws import MechanicalLaw, ThermalLaw
 from neuroscale_coupling.cell.materials import MechanicalMaterial, ThermalMaterial
-from neuroscale_coupling.cell.ufl_laws import mechanical_stress, thermal_flux
 from neuroscale_coupling.fine.cell_mesh import CellMesh
 from neuroscale_coupling.fine.protocol import FineSolveError, Homogenized, broadcast_cells
 from neuroscale_coupling.log import get_logger
@@ -176,6 +176,7 @@ class FESolver:
                 )
             prob = self._problem_for_mesh(cells)
             values = self.material.parameter_table()[cells.phase]  # (C, n_params)
+            self._check_law({nm: values[None, :, c] for c, nm in enumerate(self._pnames)}, s)
             self._set_params(prob, {nm: values[:, c] for c, nm in enumerate(self._pnames)})
             for p in range(n_pts):
                 response[p], tangent[p], iterations[p] = self._solve_point(prob, p, s[p])
@@ -186,12 +187,22 @@ class FESolver:
         prob = self._problem_for_image(images.shape[-1])
         shared = images.ndim == 3 and images.strides[0] == 0
         flds = self.material.fields(images[:1] if shared else images)
+        self._check_law({nm: v.reshape(v.shape[0], -1) for nm, v in flds.items()}, s)
         for p in range(n_pts):
             if p == 0 or not shared:
                 q = 0 if shared else p
                 self._set_params(prob, {nm: flds[nm][q].reshape(-1) for nm in self._pnames})
             response[p], tangent[p], iterations[p] = self._solve_point(prob, p, s[p])
         return Homogenized(response=response, tangent=tangent, newton_iterations=iterations)
+
+    def _check_law(self, values: dict[str, np.ndarray], states: np.ndarray) -> None:
+        """FineSolveError for the first state at which the law calls the cell problem
+        ill-posed; values: parameter name → (N or 1, K) at the cell's K points."""
+        n = states.shape[0]
+        full = {nm: np.broadcast_to(v, (n, v.shape[1])) for nm, v in values.items()}
+        for p, why in enumerate(self.material.law.check(full, states)):
+            if why is not None:
+                raise FineSolveError(p, states[p], why)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -239,10 +250,10 @@ class FESolver:
         param_dofs = np.asarray(Q0.dofmap.list[:, 0], dtype=np.int64)
         if self._thermal:
             V = fem.functionspace(msh, ("Lagrange", self.degree))
-            forms = _thermal_forms(msh, V, params, dx)
+            forms = _thermal_forms(msh, V, self.material.law, params, dx)
         else:
             V = fem.functionspace(msh, ("Lagrange", self.degree, (2,)))
-            forms = _mechanical_forms(msh, V, params, dx)
+            forms = _mechanical_forms(msh, V, self.material.law, params, dx)
         u = forms["u"]
         cell_type = msh.topology.cell_type.name
         qpts, qwts = basix.make_quadrature(getattr(basix.CellType, cell_type), qdeg)
@@ -416,7 +427,9 @@ class FESolver:
 
 
 # ---------------------------------------------------------------------- forms
-def _thermal_forms(msh: Any, V: Any, params: dict[str, Any], dx: Any) -> dict[str, Any]:
+def _thermal_forms(
+    msh: Any, V: Any, law: ThermalLaw, params: dict[str, Any], dx: Any
+) -> dict[str, Any]:
     """Residual, Jacobian, ∂F/∂(G, θ), L_i and the flux expressions of the thermal law."""
     phi = fem.Function(V, name="phi")
     v = ufl.TestFunction(V)
@@ -425,7 +438,7 @@ def _thermal_forms(msh: Any, V: Any, params: dict[str, Any], dx: Any) -> dict[st
     theta = fem.Constant(msh, 0.0)
     g = ufl.variable(G + ufl.grad(phi))
     th = ufl.variable(theta)
-    q = thermal_flux(params, th, g)
+    q = law.ufl_form(params, th, g)
     A = ufl.diff(q, g)  # (2, 2)
     dq_dth = ufl.diff(q, th)  # (2,)
     dq_ds = ufl.as_matrix([[A[i, 0], A[i, 1], dq_dth[i]] for i in range(2)])  # (2, 3)
@@ -443,7 +456,9 @@ def _thermal_forms(msh: Any, V: Any, params: dict[str, Any], dx: Any) -> dict[st
             "set_state": set_state}  # fmt: skip
 
 
-def _mechanical_forms(msh: Any, V: Any, params: dict[str, Any], dx: Any) -> dict[str, Any]:
+def _mechanical_forms(
+    msh: Any, V: Any, law: MechanicalLaw, params: dict[str, Any], dx: Any
+) -> dict[str, Any]:
     """Residual, Jacobian, ∂F/∂E, L_i and the stress expressions of the mechanical law."""
     u = fem.Function(V, name="u")
     v = ufl.TestFunction(V)
@@ -451,7 +466,7 @@ def _mechanical_forms(msh: Any, V: Any, params: dict[str, Any], dx: Any) -> dict
     E = fem.Constant(msh, np.zeros(3))
     E_t = ufl.as_matrix([[E[0], E[2]], [E[2], E[1]]])
     eps = ufl.variable(E_t + ufl.sym(ufl.grad(u)))
-    sigma = mechanical_stress(params, eps)
+    sigma = law.ufl_form(params, eps)
     A = ufl.diff(sigma, eps)  # (2, 2, 2, 2), ε11/ε12/ε21/ε22 as independent entries
     i, j, k, m = ufl.indices(4)
     units = [((1, 0), (0, 0)), ((0, 0), (0, 1)), ((0, 1), (1, 0))]  # ∂ε/∂E_j (E12 → ε12, ε21)

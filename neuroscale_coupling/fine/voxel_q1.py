@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from neuroscale_coupling.cell.materials import Material, MechanicalMaterial, ThermalMaterial
+from neuroscale_coupling.cell.materials import Material
 
 _GAUSS_A = (1.0 - 1.0 / math.sqrt(3.0)) / 2.0
 
@@ -101,8 +101,11 @@ class VoxelPhysics:
         raise NotImplementedError
 
     def check_law(self, fields: dict[str, torch.Tensor], states: torch.Tensor) -> list[str | None]:
-        """Per-point reason why the cell problem is ill-posed, or None."""
-        return [None] * states.shape[0]
+        """Per-point reason why the cell problem is ill-posed, or None (the law's
+        :meth:`~neuroscale_coupling.cell.laws.base.PhaseLaw.check` over the cell's voxels)."""
+        b = states.shape[0]
+        values = {k: v.reshape(b, -1).cpu().numpy() for k, v in fields.items()}
+        return self.material.law.check(values, states.cpu().numpy())
 
 
 class ThermalVoxelPhysics(VoxelPhysics):
@@ -118,7 +121,7 @@ class ThermalVoxelPhysics(VoxelPhysics):
         self, fields: dict[str, torch.Tensor], states: torch.Tensor, strain: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         theta = states[:, 2].reshape(-1, 1, 1, 1)
-        q, a, dq_dtheta = ThermalMaterial.local(fields, theta, strain)
+        q, a, dq_dtheta = self.material.law.torch_form(fields, theta, strain)
         return q, a, dq_dtheta.unsqueeze(-1)
 
     def reference_basis(self) -> list[torch.Tensor]:
@@ -128,18 +131,6 @@ class ThermalVoxelPhysics(VoxelPhysics):
         # Mean conductivity (trace / 2); for a scalar problem only the scale matters.
         k = 0.5 * (tangent[..., 0, 0] + tangent[..., 1, 1])
         return k.mean(dim=(1, 2, 3)).unsqueeze(-1)
-
-    def check_law(self, fields: dict[str, torch.Tensor], states: torch.Tensor) -> list[str | None]:
-        theta = states[:, 2].reshape(-1, 1, 1, 1)
-        a = fields["k0"] * (1 + fields["alpha"] * theta)
-        amin = a.amin(dim=(1, 2, 3)).cpu().numpy()
-        return [
-            None
-            if v > 0
-            else f"the conductivity k0 (1 + alpha theta) = {v:.6g} <= 0 at this theta: "
-            "the cell problem is ill-posed (keep 1 + alpha theta > 0 in every phase)"
-            for v in amin
-        ]
 
 
 class MechanicalVoxelPhysics(VoxelPhysics):
@@ -165,7 +156,7 @@ class MechanicalVoxelPhysics(VoxelPhysics):
     def law(
         self, fields: dict[str, torch.Tensor], states: torch.Tensor, strain: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sigma, c = MechanicalMaterial.local(fields, strain)
+        sigma, c = self.material.law.torch_form(fields, strain)
         return sigma, c, sigma.new_zeros((*sigma.shape, 0))
 
     def reference_basis(self) -> list[torch.Tensor]:

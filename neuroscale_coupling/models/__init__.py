@@ -14,9 +14,9 @@ replay and calibration samples) and load with ``torch.load(weights_only=True)``.
 
 from pathlib import Path
 
-__all__ = ["PHYSICS", "shipped_model_path"]
+from neuroscale_coupling.cell.state_layout import PHYSICS
 
-PHYSICS = ("thermal", "mechanical")
+__all__ = ["shipped_model_path"]
 
 
 def shipped_model_path(physics: str) -> Path:

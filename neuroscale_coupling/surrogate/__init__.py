@@ -1,8 +1,7 @@
-"""NeuroScale surrogate (DESIGN.md §6): datasets from the fine solvers, and later the model.
-
-``neuroscale_coupling.data`` builds training data: macro states sampled over a
-declared :class:`~neuroscale_coupling.data.domain.StateDomain`, cells drawn from a
-declared :class:`~neuroscale_coupling.cell.family.CellFamily`, solved by a fine solver,
-split by microstructure and normalized per wavelet scale. Importing this package is light
-(no torch); the submodules import what they need.
+"""The SANO model as an artefact: architecture (:mod:`~neuroscale_coupling.surrogate.config`),
+inputs (:mod:`~neuroscale_coupling.surrogate.inputs`), encoders, attention, decoders,
+uncertainty and calibration, the loss, the model (:mod:`~neuroscale_coupling.surrogate.
+model`) and the model file with :class:`~neuroscale_coupling.surrogate.model_file.
+Surrogate`, the one door to a trained model. Importing this package is light (no torch);
+the submodules import it.
 """

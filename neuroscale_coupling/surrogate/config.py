@@ -3,10 +3,9 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from neuroscale_coupling.cell.state_layout import layout_of
+
 __all__ = ["SANOConfig"]
-
-
-_DIMS = {"thermal": (3, 2), "mechanical": (3, 3)}  # physics -> (state dim d, response dim r)
 
 
 _ENCODERS = ("wavelet", "cnn", "descriptors")
@@ -77,8 +76,7 @@ class SANOConfig:
         for name in ("attention", "canonical_translation"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
-        if self.physics not in _DIMS:
-            raise ValueError(f"unknown physics {self.physics!r}: choose 'thermal' or 'mechanical'")
+        layout_of(self.physics)
         if self.zero_mode not in ("odd", "shift"):
             raise ValueError(f"unknown zero_mode {self.zero_mode!r}: choose 'odd' or 'shift'")
         if self.image_size >> self.levels < 1:
@@ -108,11 +106,11 @@ class SANOConfig:
 
     @property
     def state_dim(self) -> int:
-        return _DIMS[self.physics][0]
+        return layout_of(self.physics).state_dim
 
     @property
     def response_dim(self) -> int:
-        return _DIMS[self.physics][1]
+        return layout_of(self.physics).response_dim
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (JSON / weights_only-safe)."""

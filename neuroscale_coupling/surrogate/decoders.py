@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuroscale_coupling.surrogate.config import SANOConfig
 from neuroscale_coupling.surrogate.jets import (
     silu,
     silu_derivs,
@@ -42,7 +43,6 @@ from neuroscale_coupling.surrogate.jets import (
     spd_jet,
     value_and_jac,
 )
-from neuroscale_coupling.training.config import SANOConfig
 
 __all__ = ["StressDecoder", "ThermalPotentialDecoder"]
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroscale_coupling.surrogate.attention import ScaleAttentionLayer, periodic_features
+from neuroscale_coupling.surrogate.config import SANOConfig
 from neuroscale_coupling.surrogate.jets import silu
-from neuroscale_coupling.training.config import SANOConfig
 
 __all__ = ["CNNEncoder", "DescriptorEncoder", "MultiScaleEncoder", "haar_band_fields"]
 

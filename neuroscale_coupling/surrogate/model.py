@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuroscale_coupling.cell.state_layout import layout_of
 from neuroscale_coupling.cell.symmetry import SYMMETRY_ORDERS
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.calibration import (
@@ -73,10 +74,10 @@ from neuroscale_coupling.surrogate.calibration import (
     gaussian_multipliers,
     interval_multipliers,
 )
+from neuroscale_coupling.surrogate.config import SANOConfig
 from neuroscale_coupling.surrogate.decoders import StressDecoder, ThermalPotentialDecoder
 from neuroscale_coupling.surrogate.encoders import CNNEncoder, DescriptorEncoder, MultiScaleEncoder
 from neuroscale_coupling.surrogate.uncertainty import MCDropoutMasks
-from neuroscale_coupling.training.config import SANOConfig
 
 __all__ = ["SANO", "SANOPrediction"]
 
@@ -419,9 +420,10 @@ class SANO(nn.Module):
         d = states.shape[-1]
         scale = self.state_scale.expand(d).clone()
         shift = torch.zeros_like(scale)
-        if self.config.physics == "thermal":
-            scale[2] = self.theta_scale
-            shift[2] = self.theta_ref
+        theta = layout_of(self.config.physics).theta_index
+        if theta is not None:
+            scale[theta] = self.theta_scale
+            shift[theta] = self.theta_ref
         return (states - shift) / scale, 1.0 / scale
 
     def decode(

@@ -2,7 +2,8 @@
 
     save_model("model.pt", model, domain=..., wavelet=..., normalization=..., material=...)
     model, meta = load_model("model.pt")        # torch.load(weights_only=True)
-    sur = Surrogate.load("model.pt"); q, t, std = sur.predict(images, states)
+    sur = Surrogate.load("model.pt"); p = sur.predict(images, states, level=0.95)
+    p.response, p.tangent, p.std, p.lower, p.upper
 
 **Units.** The model works on physical states and returns physical responses: its own
 scaling buffers are set from the training domain (``SANO.set_scaling``: G or E divided by
@@ -11,14 +12,18 @@ the largest |bound| of those components, no shift so that Q(0) = 0 / Σ(0) = 0 s
 enter through the fitted :class:`WaveletNormalizer` (:func:`wavelet_inputs`).
 """
 
+import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from neuroscale_coupling.cell.materials import material_from_dict, material_to_dict
+from neuroscale_coupling.cell.family import CellFamily
+from neuroscale_coupling.cell.materials import Material, material_from_dict, material_to_dict
 from neuroscale_coupling.cell.microstructure import distinct_images
 from neuroscale_coupling.cell.symmetry import symmetry_order
 from neuroscale_coupling.data.dataset import Dataset
@@ -33,6 +38,8 @@ from neuroscale_coupling.surrogate.normalization import Normalization
 __all__ = [
     "MODEL_FORMAT",
     "MODEL_FORMAT_VERSION",
+    "EncodedCells",
+    "Prediction",
     "Surrogate",
     "load_model",
     "save_model",
@@ -118,27 +125,199 @@ def load_model(
     return model, meta
 
 
-class Surrogate:
-    """Trained SANO with its normalizers: physical-unit predictions.
+@dataclass(frozen=True)
+class Prediction:
+    """Answer of :meth:`Surrogate.predict` for N points, physical units, float64.
 
-    ``Surrogate.load(path)`` or ``Surrogate(model, metadata)`` (from :func:`load_model`).
+    response (N, r); tangent (N, r, d), the exact derivative of the response; std (N, r),
+    the calibrated standard deviation (with the cell's symmetry class and family term);
+    level: the nominal level p of ``half_width`` or None; half_width (N, r): the calibrated
+    central interval of level p is response ± half_width (k_p · std, k_p of the cell's
+    class: the errors are not Gaussian), None without a level.
     """
 
-    def __init__(self, model: SANO, metadata: Mapping[str, Any]) -> None:
+    response: np.ndarray
+    tangent: np.ndarray
+    std: np.ndarray
+    level: float | None = None
+    half_width: np.ndarray | None = None
+
+    @property
+    def lower(self) -> np.ndarray:
+        """response − half_width (N, r) (needs a level)."""
+        return self.response - self._half_width()
+
+    @property
+    def upper(self) -> np.ndarray:
+        """response + half_width (N, r) (needs a level)."""
+        return self.response + self._half_width()
+
+    def _half_width(self) -> np.ndarray:
+        if self.half_width is None:
+            raise ValueError("this prediction has no interval: call predict(..., level=p)")
+        return self.half_width
+
+
+@dataclass(frozen=True)
+class EncodedCells:
+    """Distinct cells encoded once for many decodes (a run's cells do not change).
+
+    images (U, n, n); latent (U, L) on the model's device and dtype; family_ratio (U,)
+    (:meth:`Surrogate.family_ratio`); symmetry (U,) symmetry orders
+    (:func:`~neuroscale_coupling.cell.symmetry.symmetry_order`).
+    """
+
+    images: np.ndarray
+    latent: torch.Tensor
+    family_ratio: np.ndarray
+    symmetry: np.ndarray
+
+
+class Surrogate:
+    """A trained SANO model with what it was trained on: the one door to a model file.
+
+    ``Surrogate.load(path)`` (or ``Surrogate(model, metadata)`` from :func:`load_model` or
+    :func:`~neuroscale_coupling.training.train.train`). :meth:`predict` answers in
+    physical units; :meth:`encode` / :meth:`decode` split it for callers that decode the
+    same cells many times (the closure). The properties say what the model was trained on.
+    ``model`` is the torch module (for training and online enrichment).
+    """
+
+    def __init__(
+        self,
+        model: SANO,
+        metadata: Mapping[str, Any],
+        *,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.model = model.eval()
-        self.metadata = dict(metadata)
-        self.wavelet: WaveletNormalizer = self.metadata["wavelet_obj"]
-        self.domain: StateDomain = self.metadata["domain_obj"]
-        self.material = self.metadata["material_obj"]
-        train = self.metadata.get("reference_obj", {}).get("train")
-        self.image_family = (
+        self._meta = dict(metadata)
+        self.path = None if path is None else Path(path)
+        train = self.replay_data
+        self._image_family = (
             None if train is None else ImageFamily(train.images, self.material.n_phases)
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str = "cpu") -> "Surrogate":
-        return cls(*load_model(path, device=device))
+        """Read a model file (``torch.load(weights_only=True)``), the model on ``device``."""
+        return cls(*load_model(path, device=device), path=path)
 
+    def to(self, *, dtype: torch.dtype | None = None, device: Any = None) -> "Surrogate":
+        """An independent copy whose model has ``dtype`` / lives on ``device`` (the others
+        are shared: they are not changed by predictions or enrichment)."""
+        other = copy.copy(self)
+        model = copy.deepcopy(self.model)
+        other.model = model.to(dtype=dtype, device=device).eval()
+        return other
+
+    # ------------------------------------------------------------------ what it knows
+    @property
+    def config(self) -> SANOConfig:
+        """The architecture."""
+        return self.model.config
+
+    @property
+    def physics(self) -> str:
+        return self.config.physics
+
+    @property
+    def material(self) -> Material:
+        """The phases the model was trained for (the fine solver of a fallback uses it)."""
+        return self._meta["material_obj"]
+
+    @property
+    def domain(self) -> StateDomain:
+        """The box of macro states the model was trained on."""
+        return self._meta["domain_obj"]
+
+    @property
+    def image_size(self) -> int:
+        """n of the (n, n) cell images the model reads."""
+        return self.config.image_size
+
+    @property
+    def wavelet(self) -> WaveletNormalizer:
+        """The input normalization of cell images."""
+        return self._meta["wavelet_obj"]
+
+    @property
+    def normalization(self) -> Normalization:
+        """State/response normalization of the loss."""
+        return self._meta["normalization_obj"]
+
+    @property
+    def response_scale(self) -> np.ndarray:
+        """(r,) the RMS of each response component over the training data: the reference
+        size of the fallback's relative std test."""
+        return np.asarray(self.normalization.response_scale, dtype=float)
+
+    @property
+    def cell_family(self) -> CellFamily | None:
+        """The family the training cells were drawn from (rebuilt from the file; draw
+        fresh cells with ``cell_family.draw(n, seed)``), None when it was not recorded."""
+        family = self._meta.get("family")
+        return None if family is None else CellFamily.from_dict(family)
+
+    @property
+    def has_family_statistics(self) -> bool:
+        """True when the training cells' latent statistics were fitted (SANO.fit_family):
+        the closure's family test needs them."""
+        return float(self.model.family_scale) > 0
+
+    @property
+    def replay_data(self) -> Dataset | None:
+        """The training cells (every one) and a replay sample of their rows, as recorded in
+        the file (online enrichment replays them); None when absent."""
+        return dict(self._meta.get("reference_obj") or {}).get("train")
+
+    @property
+    def calibration_data(self) -> Dataset | None:
+        """A sample of the validation split (online enrichment recalibrates on it); None
+        when absent."""
+        return dict(self._meta.get("reference_obj") or {}).get("val")
+
+    @property
+    def training_images(self) -> np.ndarray | None:
+        """(C, n, n) the images of the training cells, None when not recorded."""
+        data = self.replay_data
+        return None if data is None else data.images
+
+    @property
+    def validation_images(self) -> np.ndarray | None:
+        """(V, n, n) the images of the recorded validation sample, None when not recorded."""
+        data = self.calibration_data
+        return None if data is None else data.images
+
+    @property
+    def training_config(self) -> dict[str, Any] | None:
+        """The ``neuroscale train`` configuration the model came from (plain dict), with the
+        recorded relative data paths resolved against the training config's folder when the
+        model was loaded from a file (as ``neuroscale train`` resolved them); None when not
+        recorded."""
+        cfg = dict(self._meta.get("extra") or {}).get("train_config")
+        if cfg is None or self.path is None:
+            return None if cfg is None else dict(cfg)
+        return _resolve_config_paths(dict(cfg), self.path)
+
+    @property
+    def split_cell_ids(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(train ids, val ids) int64: the dataset cell ids of the training and validation
+        splits, None when not recorded."""
+        cells = dict(self._meta.get("extra") or {}).get("split_cells")
+        if cells is None:
+            return None
+        return (
+            np.asarray(cells["train"], dtype=np.int64),
+            np.asarray(cells["val"], dtype=np.int64),
+        )
+
+    @property
+    def std_scale(self) -> float:
+        """The calibrated scale of the dropout spread."""
+        return float(self.model.std_scale)
+
+    # ------------------------------------------------------------------ answers
     def model_inputs(self, images: np.ndarray) -> list[torch.Tensor]:
         """The model's input coefficients of images (B, n, n), on its device and dtype."""
         p = self.model.state_scale
@@ -156,22 +335,59 @@ class Surrogate:
                 latent = self.model.encode(self.model_inputs(im))
         with torch.no_grad():
             ratio = self.model.family_ratio(latent).double().cpu().numpy()
-        if self.image_family is not None:
-            ratio = np.maximum(ratio, self.image_family.ratio(im))
+        if self._image_family is not None:
+            ratio = np.maximum(ratio, self._image_family.ratio(im))
         return ratio
 
-    def predict(
-        self, images: np.ndarray, states: np.ndarray, *, chunk: int = 4096
+    def encode(self, images: np.ndarray, *, family_ratio: np.ndarray | None = None) -> EncodedCells:
+        """Encode distinct images (U, n, n) once (no grad); ``family_ratio`` (U,): ratios
+        measured before (e.g. with the model as loaded), else computed now."""
+        im = np.asarray(images)
+        p = self.model.state_scale
+        if im.shape[0] == 0:
+            empty = torch.zeros((0, self.config.latent), dtype=p.dtype, device=p.device)
+            return EncodedCells(im, empty, np.zeros(0), np.zeros(0, dtype=np.int64))
+        with torch.no_grad():
+            latent = self.model.encode(self.model_inputs(im))
+        ratio = self.family_ratio(im, latent) if family_ratio is None else family_ratio
+        return EncodedCells(im, latent, np.asarray(ratio, dtype=float), symmetry_order(im))
+
+    def decode(
+        self, cells: EncodedCells, states: np.ndarray, rows: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """images (N, n, n) phase ids, states (N, d) physical → response (N, r), tangent
-        (N, r, d), std (N, r) (calibrated, with the cell's symmetry class), physical units,
-        float64 numpy arrays. The level-p interval of row i is ±k·std with k from
-        ``model.interval_multipliers(p, symmetry_order(images))[:, i]``.
+        """Response (N, r), tangent (N, r, d) and calibrated std (N, r), float64 numpy, at
+        states (N, d) of the cells ``cells`` rows ``rows`` (N,) (no grad)."""
+        p = self.model.state_scale
+        st = np.asarray(states, dtype=float)
+        if st.shape[0] == 0:
+            d, r = self.config.state_dim, self.config.response_dim
+            return np.zeros((0, r)), np.zeros((0, r, d)), np.zeros((0, r))
+        with torch.no_grad():
+            pred = self.model.decode(
+                cells.latent,
+                torch.as_tensor(st, dtype=p.dtype, device=p.device),
+                cells=torch.as_tensor(rows, device=p.device),
+                family=torch.as_tensor(cells.family_ratio, dtype=p.dtype),
+                symmetry=cells.symmetry,
+            )
+        return tuple(x.double().cpu().numpy() for x in (pred.response, pred.tangent, pred.std))  # type: ignore[return-value]
+
+    def predict(
+        self,
+        images: np.ndarray,
+        states: np.ndarray,
+        *,
+        level: float | None = None,
+        chunk: int = 4096,
+    ) -> Prediction:
+        """images (N, n, n) phase ids, states (N, d) physical → :class:`Prediction`
+        (response, tangent, calibrated std and, with ``level`` p in (0, 1), the half-width
+        of the calibrated central interval of that level), physical units, float64.
 
         Each distinct image is encoded once; the decoder runs in chunks of ``chunk``."""
         im = np.asarray(images)
         st = np.asarray(states, dtype=float)
-        cfg = self.model.config
+        cfg = self.config
         if (
             im.ndim != 3
             or st.ndim != 2
@@ -182,20 +398,45 @@ class Surrogate:
                 f"need images (N, n, n) and states (N, {cfg.state_dim}); got {im.shape}, {st.shape}"
             )
         uniq, inv = distinct_images(im)
-        p = self.model.state_scale
-        with torch.no_grad():
-            latent = self.model.encode(self.model_inputs(uniq))
-            family = torch.as_tensor(self.family_ratio(uniq, latent), dtype=p.dtype)
-            symmetry = symmetry_order(uniq)
-            outs = []
-            for lo in range(0, st.shape[0], chunk):
-                sl = slice(lo, lo + chunk)
-                pred = self.model.decode(
-                    latent,
-                    torch.as_tensor(st[sl], dtype=p.dtype, device=p.device),
-                    cells=torch.as_tensor(inv[sl], device=p.device),
-                    family=family,
-                    symmetry=symmetry,
-                )
-                outs.append([pred.response, pred.tangent, pred.std])
-        return tuple(torch.cat([o[k] for o in outs]).double().cpu().numpy() for k in range(3))  # type: ignore[return-value]
+        cells = self.encode(uniq)
+        parts = [
+            self.decode(cells, st[lo : lo + chunk], inv[lo : lo + chunk])
+            for lo in range(0, st.shape[0], chunk)
+        ]
+        response, tangent, std = (np.concatenate([q[k] for q in parts]) for k in range(3))
+        if level is None:
+            return Prediction(response, tangent, std)
+        k = self.interval_multipliers(level, cells.symmetry)[0, inv]  # (N,)
+        return Prediction(response, tangent, std, float(level), k[:, None] * std)
+
+    def interval_multipliers(self, p: float | Sequence[float], symmetry: Any = None) -> np.ndarray:
+        """k_p for levels p in (0, 1): the calibrated central interval is ±k_p·std.
+        Pooled (L,) without ``symmetry``; with the symmetry orders (B,) of B cells
+        (:func:`~neuroscale_coupling.cell.symmetry.symmetry_order`), (L, B) from their
+        classes' tables."""
+        return self.model.interval_multipliers(p, symmetry)
+
+
+def _resolve_config_paths(cfg: dict[str, Any], model_path: Path) -> dict[str, Any]:
+    """The training config with its recorded relative data paths (``data.dataset``,
+    ``data.generate.save``) resolved against the training config's folder, the folder that
+    the recorded relative ``output.model`` path leads from to the model file (as
+    ``neuroscale train`` resolves them). Paths that do not exist there are left as
+    recorded."""
+    out = cfg.get("output", {}).get("model")
+    if not out or os.path.isabs(out):
+        return cfg
+    base = model_path.resolve().parent
+    for _ in Path(out).parent.parts:
+        base = base.parent
+    data = dict(cfg.get("data") or {})
+
+    def resolved(path: Any) -> Any:
+        if path is None or os.path.isabs(path) or not (base / path).exists():
+            return path
+        return str(base / path)
+
+    data["dataset"] = resolved(data.get("dataset"))
+    if data.get("generate"):
+        data["generate"] = {**data["generate"], "save": resolved(data["generate"].get("save"))}
+    return {**cfg, "data": data}

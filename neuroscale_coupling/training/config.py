@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from neuroscale_coupling.cell.family import CellFamily, CellMember
-from neuroscale_coupling.cell.materials import material_from_dict
+from neuroscale_coupling.cell.materials import default_material, material_from_dict
+from neuroscale_coupling.cell.state_layout import layout_of
 from neuroscale_coupling.data.domain import StateDomain
 from neuroscale_coupling.data.spec import DatasetSpec
 from neuroscale_coupling.surrogate.config import SANOConfig
@@ -71,8 +72,7 @@ class GenerateConfig:
     save: str | None = None
 
     def __post_init__(self) -> None:
-        if self.physics not in ("thermal", "mechanical"):
-            raise ValueError(f"physics={self.physics!r}: choose 'thermal' or 'mechanical'")
+        layout_of(self.physics)
         if not self.members:
             raise ValueError("[data.generate] needs members = [{generator = ..., ...}]")
         for name in ("members", "phases", "lower", "upper"):
@@ -80,21 +80,11 @@ class GenerateConfig:
         object.__setattr__(self, "solver_options", tuple(sorted(dict(self.solver_options).items())))
 
     def material(self) -> Any:
-        from neuroscale_coupling.cell.materials import (
-            EQUINO_FIBRE,
-            EQUINO_MATRIX,
-            MechanicalMaterial,
-            ThermalMaterial,
-            ThermalPhase,
-        )
-
         if self.phases:
             return material_from_dict(
                 {"physics": self.physics, "phases": [dict(p) for p in self.phases]}
             )
-        if self.physics == "thermal":
-            return ThermalMaterial(phases=(ThermalPhase(1.0), ThermalPhase(10.0)))
-        return MechanicalMaterial(phases=(EQUINO_MATRIX, EQUINO_FIBRE))
+        return default_material(self.physics)
 
     def spec(self) -> DatasetSpec:
         """The :class:`DatasetSpec` this table describes."""

@@ -6,32 +6,7 @@
     res = evaluate_model("model.pt", dataset="fresh.pt", output="out")  # fresh held-out data
     res.metrics["rel_l2_response"], res.paths["json"]
 
-**Which data.** Without ``dataset`` the test split of the dataset the model was trained
-on: the training config recorded in the model file names it (``data.dataset``, or
-``data.generate`` with its ``save`` file; a generate table without a saved file is
-regenerated, collectively, from its seed). It is re-split with the recorded fractions and
-``split_seed``; relative data paths resolve against the training config's folder (found
-from the model file's path and the recorded ``output.model``), as ``neuroscale train``
-resolved them. The train and val cell ids must equal those recorded in the model file
-(else the file is not the training dataset: ValueError), and no test cell id may be among
-them. With ``dataset`` (a :class:`Dataset` or the path of a saved one, e.g. written by
-``generate(spec with another seed).save(path)``) every sample of it is evaluated.
-With ``fresh=(n_cells, seed)`` (``--fresh N --seed S``) n_cells cells are drawn afresh
-from the family recorded in the model file (its ``data.generate`` table, with ``seed``),
-their states solved with the recorded solver, and the cells whose image is that of a
-training or validation cell, up to periodic translation, dropped (:func:`fresh_data`). At
-32² voxels the one-parameter generators of the shipped families have few distinct
-images, all of them in the training dataset: their fresh cells are dropped, and the
-fresh data hold the random-inclusion cells.
-
-**Leak check.** Every evaluated cell's image is compared, up to periodic translations,
-with the images of the model's recorded train and val cells (rebuilt from the training
-dataset file, or redrawn from the recorded generate table: drawing cells needs no fine
-solve). A match is refused
-(ValueError naming the cells) unless ``allow_overlap``, in which case the cells are listed
-under ``overlap_cell_ids`` and ``held_out = false`` in the metrics. When the training
-images cannot be rebuilt (the file is gone), ``leak_check = "unavailable"`` is recorded
-and a warning logged.
+**Which data** and the **leak check**: :mod:`~neuroscale_coupling.training.held_out`.
 
 **Metrics** (all JSON-plain; undefined values such as a relative error against a zero
 reference are ``null``):
@@ -67,7 +42,6 @@ response component and for the normalized tangent entries), ``calibration.png``
 (empirical vs nominal coverage), ``attention.png`` (bar chart per scale).
 """
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -80,26 +54,21 @@ import torch
 from mpi4py import MPI
 
 from neuroscale_coupling.cell.symmetry import symmetry_order
-from neuroscale_coupling.cell.translation import canonical_translation
 from neuroscale_coupling.data.dataset import Dataset
-from neuroscale_coupling.data.generate import generate
-from neuroscale_coupling.data.split import split, translation_groups
+from neuroscale_coupling.data.split import translation_groups
 from neuroscale_coupling.io import atomic_write
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.surrogate.calibration import LEVELS_P, calibration_error, coverage
+from neuroscale_coupling.surrogate.config import SANOConfig
 from neuroscale_coupling.surrogate.inputs import wavelet_inputs
 from neuroscale_coupling.surrogate.model_file import Surrogate
-from neuroscale_coupling.training.config import GenerateConfig
+from neuroscale_coupling.training.held_out import held_out_data
 from neuroscale_coupling.training.metric_spread import HeldOutErrors, by_generator, group_bootstrap
 
 __all__ = [
     "EvaluationResult",
     "compute_metrics",
     "evaluate_model",
-    "fresh_data",
-    "held_out_data",
-    "overlapping_cells",
-    "training_images",
     "write_report",
 ]
 
@@ -117,252 +86,6 @@ class EvaluationResult:
     predictions: dict[str, np.ndarray]
     data: Dataset
     paths: dict[str, str] = field(default_factory=dict)
-
-
-# ============================================================================ data
-def _train_config(meta: Mapping[str, Any]) -> dict[str, Any]:
-    extra = meta.get("extra") or {}
-    if "train_config" not in extra or "split_cells" not in extra:
-        raise ValueError(
-            "the model file records no training config / split cells (extra.train_config, "
-            "extra.split_cells): pass held-out data with --dataset PATH"
-        )
-    return dict(extra["train_config"])
-
-
-def _recorded_ids(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    cells = meta["extra"]["split_cells"]
-    return (
-        np.asarray(cells["train"], dtype=np.int64),
-        np.asarray(cells["val"], dtype=np.int64),
-    )
-
-
-def _generate_config(data_cfg: Mapping[str, Any]) -> GenerateConfig | None:
-    gen = data_cfg.get("generate")
-    return None if gen is None else GenerateConfig(**dict(gen))
-
-
-def _training_file(data_cfg: Mapping[str, Any]) -> str | None:
-    """Path of a saved training dataset named by the config, when it exists."""
-    if data_cfg.get("dataset") is not None:
-        return str(data_cfg["dataset"])
-    gen = _generate_config(data_cfg)
-    if gen is not None and gen.save is not None and os.path.exists(gen.save):
-        return gen.save
-    return None
-
-
-def training_images(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(cell ids (K,), images (K, n, n)) of the model's recorded train + val cells.
-
-    From the training dataset file when the config names one that exists, else redrawn
-    from the recorded generate table (cells only: no fine solve). None when neither works.
-    """
-    cfg = _train_config(meta)
-    data_cfg = dict(cfg.get("data") or {})
-    tr, va = _recorded_ids(meta)
-    ids = np.union1d(tr, va)
-    path = _training_file(data_cfg)
-    if path is not None:
-        if not os.path.exists(path):
-            return None
-        ds = Dataset.load(path)
-        all_ids, images = ds.cell_ids, ds.images
-    else:
-        gen = _generate_config(data_cfg)
-        if gen is None:
-            return None
-        spec = gen.spec()
-        # the cell draw of data.generate: the first child of SeedSequence(spec.seed)
-        cell_seed = np.random.SeedSequence(spec.seed).spawn(2)[0]
-        images, _ = spec.family.draw(spec.n_cells, cell_seed)
-        all_ids = np.arange(spec.n_cells, dtype=np.int64)
-    pos = {int(c): i for i, c in enumerate(all_ids)}
-    missing = [int(c) for c in ids if int(c) not in pos]
-    if missing:
-        raise ValueError(
-            f"the training cells {missing[:10]} recorded in the model file are not in its "
-            "training dataset: the dataset file changed since training"
-        )
-    return ids, images[[pos[int(c)] for c in ids]]
-
-
-def _known(images: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """Mask (C,): images (C, n, n) equal to one of ``known`` (K, n, n) up to a periodic
-    translation (the same material; compared as canonical images)."""
-    if known.shape[1:] != images.shape[1:]:
-        return np.zeros(images.shape[0], dtype=bool)
-    seen = {im.astype(np.int8).tobytes() for im in canonical_translation(known)}
-    mine = canonical_translation(images).astype(np.int8)
-    return np.array([im.tobytes() in seen for im in mine], dtype=bool)
-
-
-def overlapping_cells(data: Dataset, images: np.ndarray) -> np.ndarray:
-    """Cell ids of ``data`` whose image equals one of ``images`` (K, n, n) up to a periodic
-    translation (the same material; compared as canonical images), sorted."""
-    return np.sort(data.cell_ids[_known(data.images, images)]).astype(np.int64)
-
-
-def fresh_data(
-    meta: Mapping[str, Any], n_cells: int, seed: int, *, comm: MPI.Comm | None = None
-) -> tuple[Dataset, int]:
-    """Held-out data drawn afresh from the model's recorded family (collective over comm).
-
-    n_cells cells and their states (the recorded states per cell and domain) drawn from the
-    recorded ``data.generate`` table with ``seed``; the cells whose image equals a training
-    or validation cell's up to a periodic translation are dropped before the others are
-    solved by the recorded fine solver. Returns the data and the number of cells dropped.
-    Raises ValueError when the model file records no generate table, the training images
-    cannot be rebuilt, or no cell is left."""
-    comm = MPI.COMM_WORLD if comm is None else comm
-    data_cfg = dict(_train_config(meta).get("data") or {})
-    gen = _generate_config(data_cfg)
-    if gen is None:
-        raise ValueError(
-            "the model file records no data.generate table to draw fresh cells from: pass "
-            "held-out data with --dataset PATH"
-        )
-    if int(n_cells) < 1:
-        raise ValueError(f"fresh n_cells={n_cells} must be >= 1")
-    spec = dataclasses.replace(gen.spec(), n_cells=int(n_cells), seed=int(seed))
-    known = training_images(meta)
-    if known is None:
-        raise ValueError(
-            "cannot rebuild the training images to drop them from the fresh cells: the "
-            "training dataset file is gone"
-        )
-    data = generate(spec, comm=comm, progress=False, skip=lambda ims: _known(ims, known[1]))
-    if data.n_cells == 0:
-        raise ValueError(
-            f"all {spec.n_cells} fresh cells (seed {seed}) are training/validation cells: "
-            "draw more cells or use another seed"
-        )
-    return data, spec.n_cells - data.n_cells
-
-
-def _test_split(meta: Mapping[str, Any], comm: MPI.Comm) -> Dataset:
-    cfg = _train_config(meta)
-    data_cfg = dict(cfg.get("data") or {})
-    path = _training_file(data_cfg)
-    if path is not None:
-        if not os.path.exists(path):
-            raise ValueError(
-                f"the training dataset {path} named in the model file does not exist: "
-                "pass held-out data with --dataset PATH"
-            )
-        full = Dataset.load(path)
-    else:
-        gen = _generate_config(data_cfg)
-        if gen is None:
-            raise ValueError("the model file names no training data: use --dataset PATH")
-        _log.warning(
-            "the training data were generated without a saved file: regenerating %d cells "
-            "(set data.generate.save to avoid this)",
-            gen.n_cells,
-        )
-        full = generate(gen.spec(), comm=comm, progress=False)
-    fractions = tuple(float(x) for x in data_cfg.get("split", (0.7, 0.15, 0.15)))
-    seed = int(data_cfg.get("split_seed", 0))
-    tr, va, te = split(full, fractions, seed=seed)  # type: ignore[arg-type]
-    rec_tr, rec_va = _recorded_ids(meta)
-    if not (
-        np.array_equal(np.sort(tr.cell_ids), np.sort(rec_tr))
-        and np.array_equal(np.sort(va.cell_ids), np.sort(rec_va))
-    ):
-        raise ValueError(
-            "re-splitting the training dataset does not give the train/val cells recorded "
-            "in the model file: it is not the dataset the model was trained on; pass "
-            "held-out data with --dataset PATH"
-        )
-    leaked = np.intersect1d(te.cell_ids, np.union1d(rec_tr, rec_va))
-    if leaked.size:  # pragma: no cover - split() keeps the parts disjoint
-        raise RuntimeError(f"test cells {leaked.tolist()} are among the training cells")
-    if len(te) == 0:
-        raise ValueError(
-            f"the test split is empty (split fractions {list(fractions)}): pass held-out "
-            "data with --dataset PATH"
-        )
-    return te
-
-
-def held_out_data(
-    meta: Mapping[str, Any],
-    dataset: Dataset | str | os.PathLike[str] | None = None,
-    *,
-    comm: MPI.Comm | None = None,
-    allow_overlap: bool = False,
-    fresh: tuple[int, int] | None = None,
-) -> tuple[Dataset, dict[str, Any]]:
-    """The data to evaluate on and a plain info dict (source, leak check).
-
-    dataset None: the test split of the training dataset (see the module doc; collective
-    over comm when it must be regenerated), or with ``fresh=(n_cells, seed)`` fresh cells
-    (:func:`fresh_data`, collective); a Dataset or a saved dataset path: all of it.
-    Raises ValueError when an evaluated cell is a train/val cell of the model (by cell id
-    for the training dataset, by image otherwise) unless ``allow_overlap``.
-    """
-    comm = MPI.COMM_WORLD if comm is None else comm
-    if fresh is not None and dataset is not None:
-        raise ValueError("give either a dataset or fresh=(n_cells, seed), not both")
-    if fresh is not None:
-        data, dropped = fresh_data(meta, *fresh, comm=comm)
-        source = (
-            f"{fresh[0]} fresh cells (seed {fresh[1]}), {dropped} of them training/validation "
-            "cells, dropped"
-        )
-    elif dataset is None:
-        data = _test_split(meta, comm)
-        source = "test split of the training dataset"
-    elif isinstance(dataset, Dataset):
-        data, source = dataset, "dataset given"
-    else:
-        data, source = Dataset.load(dataset), f"file {os.fspath(dataset)}"
-    _check_compatible(meta, data)
-    info: dict[str, Any] = {"source": source, "n_cells": data.n_cells, "n_samples": len(data)}
-    try:
-        known = training_images(meta)
-    except ValueError as exc:
-        _log.warning("leak check unavailable: %s", exc)
-        known = None
-    if known is None:
-        _log.warning(
-            "cannot rebuild the training images: the evaluated cells are not checked against "
-            "the training set"
-        )
-        info.update(leak_check="unavailable", overlap_cell_ids=[], held_out=None)
-        return data, info
-    overlap = overlapping_cells(data, known[1])
-    if overlap.size and not allow_overlap:
-        raise ValueError(
-            f"cells {overlap.tolist()[:20]} of the evaluation data ({source}) have the image "
-            "of a training/validation cell of the model: evaluate on held-out cells (e.g. "
-            "generate with another seed) or pass --allow-overlap to flag them instead"
-        )
-    if overlap.size:
-        _log.warning("evaluation cells %s are training/validation cells", overlap.tolist())
-    info.update(
-        leak_check="images", overlap_cell_ids=overlap.tolist(), held_out=not bool(overlap.size)
-    )
-    return data, info
-
-
-def _check_compatible(meta: Mapping[str, Any], data: Dataset) -> None:
-    cfg = meta["config"]
-    physics = data.metadata.get("physics")
-    if physics is not None and physics != cfg["physics"]:
-        raise ValueError(f"the data are {physics!r} but the model is {cfg['physics']!r}")
-    d = meta["domain_obj"].dim
-    if data.states.ndim != 2 or data.states.shape[1] != d:
-        raise ValueError(f"the data have states {data.states.shape}; the model takes (N, {d})")
-    if data.images.shape[-1] != int(cfg["image_size"]):
-        raise ValueError(
-            f"the data have {data.images.shape[-1]}x{data.images.shape[-1]} cells but the "
-            f"model takes {cfg['image_size']}x{cfg['image_size']}: generate with n = "
-            f"{cfg['image_size']}"
-        )
-    if len(data) == 0:
-        raise ValueError("the evaluation data hold no samples")
 
 
 # ============================================================================ metrics
@@ -383,10 +106,9 @@ def _plain_num(x: Any) -> Any:
     return [_plain_num(v) for v in a]
 
 
-def scale_names(meta: Mapping[str, Any]) -> list[str]:
+def scale_names(config: SANOConfig) -> list[str]:
     """Names of the attention scales in input order: approx, details coarsest → finest."""
-    cfg = meta["config"]
-    n, levels = int(cfg["image_size"]), int(cfg["levels"])
+    n, levels = config.image_size, config.levels
     coarse = n >> levels
     names = [f"approx {coarse}x{coarse}"]
     for k in range(levels):
@@ -401,11 +123,11 @@ def compute_metrics(
     """Metrics of the module doc on ``data`` (every sample) and the predictions.
 
     Returns (metrics (JSON-plain), {"response" (N, r), "tangent" (N, r, d), "std" (N, r)})."""
-    meta = surrogate.metadata
     material = surrogate.material
-    norm = meta["normalization_obj"]
+    norm = surrogate.normalization
     images = data.sample_images()
-    q, t, s = surrogate.predict(images, data.states)
+    pred = surrogate.predict(images, data.states)
+    q, t, s = pred.response, pred.tangent, pred.std
     yq, yt = data.response, data.tangent
     eq, et = q - yq, t - yt
     eqn = norm.response_to(q) - norm.response_to(yq)
@@ -425,7 +147,7 @@ def compute_metrics(
         "rel_l2_tangent": _plain_num(_rel(et, yt)),
         "rel_l2_response_components": dict(zip(rn, _plain_num(_rel(eq, yq, axis=0)), strict=True)),
         "rel_l2_tangent_components": _plain_num(_rel(et, yt, axis=0)),
-        "std_scale": float(meta.get("std_scale", 1.0)),
+        "std_scale": surrogate.std_scale,
         "domain_fraction_outside": float(
             np.mean(~surrogate.domain.contains(data.states, tol=1e-12))
         ),
@@ -435,7 +157,7 @@ def compute_metrics(
     if np.any(s > 0):
 
         def k(p: Sequence[float]) -> np.ndarray:
-            return surrogate.model.interval_multipliers(p, symmetry)  # (L, N)
+            return surrogate.interval_multipliers(p, symmetry)  # (L, N)
 
         k_levels = k(levels)
         hits = np.abs(eq)[None] <= k_levels[:, :, None] * s[None]
@@ -478,7 +200,7 @@ def compute_metrics(
             )
         )
     att = mass.double().cpu().numpy().mean(axis=(0, 1))
-    m["scale_names"] = scale_names(meta)
+    m["scale_names"] = scale_names(surrogate.config)
     m["attention_per_scale"] = att.tolist()
     m["attention_per_scale_per_layer"] = mass.double().cpu().numpy().mean(axis=0).tolist()
     return m, {"response": q, "tangent": t, "std": s}
@@ -571,33 +293,6 @@ def _parity(ax: Any, ref: np.ndarray, pred: np.ndarray, std: np.ndarray | None) 
 
 
 # ============================================================================ driver
-def _with_config_paths(meta: Mapping[str, Any], model_path: str | os.PathLike[str]) -> dict:
-    """Metadata whose recorded relative data paths (``data.dataset``, ``data.generate.save``)
-    are resolved against the training config's folder, the folder that the recorded
-    relative ``output.model`` path leads from to the model file (as ``neuroscale train``
-    resolves them). Paths that do not exist there are left as recorded."""
-    extra = dict(meta.get("extra") or {})
-    cfg = extra.get("train_config")
-    out = (cfg or {}).get("output", {}).get("model")
-    if not cfg or not out or os.path.isabs(out):
-        return dict(meta)
-    base = Path(model_path).resolve().parent
-    for _ in Path(out).parent.parts:
-        base = base.parent
-    data = dict(cfg.get("data") or {})
-
-    def resolved(path: Any) -> Any:
-        if path is None or os.path.isabs(path) or not (base / path).exists():
-            return path
-        return str(base / path)
-
-    data["dataset"] = resolved(data.get("dataset"))
-    if data.get("generate"):
-        data["generate"] = {**data["generate"], "save": resolved(data["generate"].get("save"))}
-    extra["train_config"] = {**cfg, "data": data}
-    return {**meta, "extra": extra}
-
-
 def evaluate_model(
     model: str | os.PathLike[str] | Surrogate,
     *,
@@ -614,8 +309,7 @@ def evaluate_model(
     ``dataset`` / ``allow_overlap`` / ``fresh``."""
     comm = MPI.COMM_WORLD if comm is None else comm
     sur = model if isinstance(model, Surrogate) else Surrogate.load(model, device=device)
-    meta = sur.metadata if isinstance(model, Surrogate) else _with_config_paths(sur.metadata, model)
-    data, info = held_out_data(meta, dataset, comm=comm, allow_overlap=allow_overlap, fresh=fresh)
+    data, info = held_out_data(sur, dataset, comm=comm, allow_overlap=allow_overlap, fresh=fresh)
     metrics, pred = compute_metrics(sur, data)
     metrics = {**info, **metrics}
     if not isinstance(model, Surrogate):
@@ -625,9 +319,7 @@ def evaluate_model(
         err: Exception | None = None
         if comm.rank == 0:
             try:
-                paths = write_report(
-                    metrics, pred, data, output, normalization=sur.metadata["normalization_obj"]
-                )
+                paths = write_report(metrics, pred, data, output, normalization=sur.normalization)
             except Exception as exc:  # re-raised after telling the other ranks
                 err = exc
         failed = comm.bcast(err is not None, root=0)

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from neuroscale_coupling.cell.state_layout import layout_of
 from neuroscale_coupling.cell.symmetry import (
     D4,
     response_matrix,
@@ -98,6 +99,7 @@ from neuroscale_coupling.surrogate.calibration import (
 )
 from neuroscale_coupling.surrogate.config import SANOConfig
 from neuroscale_coupling.surrogate.inputs import WaveletNormalizer, wavelet_inputs
+from neuroscale_coupling.surrogate.loss import DataLoss
 from neuroscale_coupling.surrogate.model import SANO
 from neuroscale_coupling.surrogate.model_file import save_model
 from neuroscale_coupling.surrogate.normalization import Normalization
@@ -181,20 +183,22 @@ class _Trainer:
         model = SANO(self.model_config).to(self.dtype)
         hw, c = domain.half_width, domain.center
         lo, hi = np.abs(domain.lower), np.abs(domain.upper)
-        nmac = 2 if self.physics == "thermal" else 3
+        layout = layout_of(self.physics)
+        nmac = layout.driving
         rms = float(np.sqrt(np.mean(train.response**2))) or 1.0
         kw: dict[str, float] = {
             "state_scale": float(max(lo[:nmac].max(), hi[:nmac].max())),
             "response_scale": rms,
         }
-        if self.physics == "thermal":
-            kw.update(theta_ref=float(c[2]), theta_scale=float(hw[2]))
+        if layout.theta_index is not None:
+            kw.update(
+                theta_ref=float(c[layout.theta_index]), theta_scale=float(hw[layout.theta_index])
+            )
         model.set_scaling(**kw)
         self.model = model.to(self.device)
         self.optim = torch.optim.Adam(self.model.parameters(), lr=opt.lr)
         d, t = self.dtype, self.device
-        self.rscale = torch.as_tensor(self.norm.response_scale, dtype=d, device=t)
-        self.hw = torch.as_tensor(self.norm.state_half_width, dtype=d, device=t)
+        self.loss = DataLoss(self.norm, tangent_weight=opt.tangent_weight)
         self.lo = torch.as_tensor(domain.lower, dtype=d, device=t)
         self.hi = torch.as_tensor(domain.upper, dtype=d, device=t)
         self.S, self.Q, self.Sinv = _group_tensors(self.physics, d, t)
@@ -222,12 +226,6 @@ class _Trainer:
         self.bad_epochs = 0
 
     # -- pieces
-    def _nresp(self, r: torch.Tensor) -> torch.Tensor:
-        return r / self.rscale
-
-    def _ntan(self, t: torch.Tensor) -> torch.Tensor:
-        return t * self.hw / self.rscale[:, None]
-
     def _predict(self, split: _Split, keys: torch.Tensor, states: torch.Tensor) -> Any:
         uniq, inv = torch.unique(keys, return_inverse=True)
         latent = self.model.encode([c[uniq] for c in split.coeffs])
@@ -259,17 +257,17 @@ class _Trainer:
             keys += [c2, r2 * sp.n_cells + c2]
             all_states += [s, torch.einsum("nij,nj->ni", self.S[r2], s)]
         pred = self._predict(sp, torch.cat(keys), torch.cat(all_states))
-        out = {
-            "response": ((self._nresp(pred.response[:b] - y)) ** 2).mean(),
-            "tangent": ((self._ntan(pred.tangent[:b] - t)) ** 2).mean(),
-        }
+        response, tangent = self.loss.terms(pred.response[:b], pred.tangent[:b], y, t)
+        out = {"response": response, "tangent": tangent}
         if m:
             qa, qb = pred.response[b : b + m], pred.response[b + m :]
             ta, tb = pred.tangent[b : b + m], pred.tangent[b + m :]
             q2 = self.Q[r2]
             res_q = torch.einsum("nij,nj->ni", q2, qa) - qb
             res_t = q2 @ ta @ self.Sinv[r2] - tb
-            out["physics"] = (self._nresp(res_q) ** 2).mean() + (self._ntan(res_t) ** 2).mean()
+            out["physics"] = (self.loss.response(res_q) ** 2).mean() + (
+                self.loss.tangent(res_t) ** 2
+            ).mean()
         else:
             out["physics"] = torch.zeros((), dtype=self.dtype, device=dev)
         out["kl"] = self.model.kl()
@@ -301,9 +299,9 @@ class _Trainer:
         self.model.eval()
         with torch.no_grad():
             pred = self._predict(sp, sp.cell, sp.states)
-        r = float((self._nresp(pred.response - sp.response) ** 2).mean())
-        t = float((self._ntan(pred.tangent - sp.tangent) ** 2).mean())
-        return {"loss": r + self.opt.tangent_weight * t, "response_mse": r, "tangent_mse": t}
+        terms = self.loss.terms(pred.response, pred.tangent, sp.response, sp.tangent)
+        r, t = (float(x) for x in terms)
+        return {"loss": r + self.loss.tangent_weight * t, "response_mse": r, "tangent_mse": t}
 
     def learning_rate(self, epoch: int) -> float:
         """The Adam step size of ``epoch`` (0-based): a function of the epoch alone, so a
@@ -442,8 +440,8 @@ class _Trainer:
             for lo in range(0, split.n, 4096):
                 sl = slice(lo, lo + 4096)
                 pred = self.model.decode(latent, split.states[sl], cells=split.cell[sl])
-                err.append(self._nresp(pred.response - split.response[sl]))
-                spread.append(self._nresp(pred.std))
+                err.append(self.loss.response(pred.response - split.response[sl]))
+                spread.append(self.loss.response(pred.std))
         e, sp = (torch.cat(x).double().cpu().numpy() for x in (err, spread))
         return e, sp, latent.double().cpu().numpy()
 
@@ -606,6 +604,7 @@ def train(
         "wavelet_obj": t.wav,
         "normalization_obj": t.norm,
         "material_obj": material,
+        "family": spec.family.to_dict(),
         "std_scale": float(t.model.std_scale),
         "extra": extra,
         "reference_obj": reference,

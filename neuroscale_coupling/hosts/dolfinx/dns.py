@@ -14,8 +14,7 @@ material). A mesh cell takes the phase of the voxel holding its midpoint x::
 constant per mesh cell (DG0 parameter fields), so a structured quadrilateral mesh with n
 cells per period and a period boundary on every ε-line is voxel-exact.
 
-Physics (the phase laws of :mod:`neuroscale_coupling.cell.materials`, in UFL from
-:mod:`neuroscale_coupling.cell.ufl_laws`):
+Physics (the phase laws of :mod:`neuroscale_coupling.cell.laws`, their UFL forms):
 
 - thermal, steady or backward Euler: ``c ∂T/∂t − div q = f``, ``q = k(T, ∇T) ∇T``,
   ``k = k0 (1 + α T)(1 + β |∇T|²)`` of the local phase (the local temperature T plays the
@@ -47,7 +46,6 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from neuroscale_coupling.cell.materials import Material, MechanicalMaterial, ThermalMaterial
-from neuroscale_coupling.cell.ufl_laws import mechanical_stress, thermal_flux
 from neuroscale_coupling.log import get_logger
 
 __all__ = [
@@ -386,7 +384,7 @@ class ThermalDNS(_DNSBase):
         self.capacity = self._capacity_field(capacity)
         f = fem.Constant(msh, float(source)) if isinstance(source, int | float) else source
         v = ufl.TestFunction(self.V)
-        self.flux = thermal_flux(self.params, self.T, ufl.grad(self.T))
+        self.flux = material.law.ufl_form(self.params, self.T, ufl.grad(self.T))
         F = ufl.inner(self.flux, ufl.grad(v)) * self.dx - f * v * self.dx
         if self.capacity is not None:
             F += self.capacity * self._inv_dt * (self.T - self.T_old) * v * self.dx
@@ -509,7 +507,7 @@ class MechanicalDNS(_DNSBase):
         self._lam = fem.Constant(msh, 0.0)
         self.u = fem.Function(self.V, name="u")
         v = ufl.TestFunction(self.V)
-        self.sigma = mechanical_stress(self.params, ufl.sym(ufl.grad(self.u)))
+        self.sigma = material.law.ufl_form(self.params, ufl.sym(ufl.grad(self.u)))
         F = ufl.inner(self.sigma, ufl.sym(ufl.grad(v))) * self.dx
         if body_force is not None:
             F -= self._lam * ufl.inner(body_force, v) * self.dx
