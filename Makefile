@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml tools/bootstrap.sh
+$(STAMP): pyproject.toml constraints.txt tools/bootstrap.sh
 	bash tools/bootstrap.sh
 
 run: $(STAMP)

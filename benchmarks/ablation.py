@@ -1,4 +1,4 @@
-"""SANO ablation (issue 4): the same data and training budget for four encoders.
+"""SANO ablation: the same data and training budget for four encoders.
 
 Variants (decoders identical, see ``neuroscale_coupling.surrogate.model`` module doc):
 

@@ -13,7 +13,7 @@ run are not counted (the exact-micro run has none)::
     .venv/bin/python benchmarks/fe2_speedup.py [--thermal-macro 8] [--mechanical-macro 8]
     .venv/bin/mpiexec -n 2 .venv/bin/python benchmarks/fe2_speedup.py
 
-Targets (issue 5): ratio ≥ 50, macro field within 1 %, response within 2 %.
+Targets: ratio ≥ 50, macro field within 1 %, response within 2 %.
 """
 
 import argparse

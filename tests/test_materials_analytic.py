@@ -59,7 +59,7 @@ def test_mechanical_tangent_is_the_jacobian_of_the_stress_and_finite_at_zero():
 
 
 def test_matrix_law_is_only_nearly_symmetric_in_work_conjugate_form():
-    """DESIGN.md §4: asymmetry ≈ 0.1 % of the largest entry with engineering shear."""
+    """The EquiNO law's asymmetry ≈ 0.1 % of the largest entry with engineering shear."""
     mat = MechanicalMaterial(phases=(equino_material().phases[0],))
     f = {k: v[0, 0] for k, v in _fields(mat, np.zeros((2, 2), dtype=int)).items()}
     _, c = mat.law.torch_form(f, torch.tensor([0.03, -0.01, 0.02], dtype=torch.float64))

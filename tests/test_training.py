@@ -359,7 +359,7 @@ model = "out/model.pt"
 
 @pytest.mark.parametrize("name", ["thermal", "mechanical"])
 def test_shipped_training_configs_are_valid(name):
-    """The example configs parse and describe the issue-4 families and domains."""
+    """The example configs parse and describe the shipped models' families and domains."""
     from neuroscale_coupling.training.config import load_config
 
     path = Path(__file__).resolve().parents[1] / "examples" / "train" / f"{name}.toml"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create the project's Python 3.12 virtual environment in .venv and install the package
-# with its FE (DOLFINx wheel) and development extras. Idempotent: run by `make`.
+# with its FE (DOLFINx wheel) and development extras, pinned by constraints.txt.
+# Idempotent: run by `make`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,10 +37,12 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-# One install: the package, DOLFINx (wheel with PETSc/petsc4py, MPICH, mpi4py) and dev tools.
-.venv/bin/python -m pip install --quiet -e ".[fem,dev]"
+# One install: the package, DOLFINx (wheel with PETSc/petsc4py, MPICH, mpi4py) and dev tools,
+# at the exact releases of constraints.txt (pyproject.toml only declares ranges).
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[fem,dev]"
 # dolfinx-external-operator (host interop) needs --no-deps: it requires a distribution named
-# fenics-dolfinx, which the DOLFINx wheel does not declare (DESIGN.md §3).
-.venv/bin/python -m pip install --quiet --no-deps dolfinx-external-operator==0.11.0
+# fenics-dolfinx, which the DOLFINx wheel does not declare. Its version is the one
+# constraints.txt pins.
+.venv/bin/python -m pip install --quiet -c constraints.txt --no-deps dolfinx-external-operator
 .venv/bin/python -c "import dolfinx_solver, dolfinx, torch, neuroscale_coupling; print('environment ready: neuroscale_coupling', neuroscale_coupling.__version__, '| DOLFINx', dolfinx.__version__, '| torch', torch.__version__)"
 touch .venv/.installed

@@ -1,4 +1,4 @@
-"""The host-facing closure operator (DESIGN.md §7).
+"""The host-facing closure operator: the contract every backend keeps.
 
 A host calls ``evaluate(states)`` with the macro states at the quadrature points it owns
 on this rank and receives the homogenized response, its consistent tangent, a standard

@@ -1,4 +1,4 @@
-"""Online enrichment of a SANO surrogate from exact fine solves (DESIGN.md §7).
+"""Online enrichment of a SANO surrogate from exact fine solves between the steps of a run.
 
 During an FE² run the surrogate closure hands uncertain or out-of-domain points to the fine
 solver. Their exact answers (cell image, state, response, tangent) go into a buffer on the

@@ -1,4 +1,4 @@
-"""When the surrogate closure hands a point to the fine solver (DESIGN.md §7).
+"""When the surrogate closure hands a point to the fine solver.
 
 Three tests, each with its own documented threshold in :class:`FallbackPolicy`:
 

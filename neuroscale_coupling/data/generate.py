@@ -1,6 +1,6 @@
 """Training data for the NeuroScale surrogate: fine solves over a declared domain and family.
 
-Pipeline step 4 (DESIGN.md §2)::
+Pipeline step 4 (docs/design.md)::
 
     spec = DatasetSpec(material, family, domain, n_cells=64, states_per_cell=16)
     data = generate(spec, comm=MPI.COMM_WORLD)       # collective; every rank gets it all

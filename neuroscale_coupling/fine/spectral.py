@@ -1,6 +1,6 @@
 """FFT-accelerated Q1 cell solver (FFT-Galerkin, Newton–Krylov), batched over cells in torch.
 
-The discrete problem is the one shared with the FE solver (DESIGN.md §5): nodes at the
+The discrete problem is the one shared with the FE solver (docs/design.md): nodes at the
 voxel corners, node (i, j) at (i/n, j/n), periodic; one bilinear (Q1) element per voxel,
 element (i, j) = voxel ``image[i, j]`` with corners (i, j), (i+1, j), (i, j+1), (i+1, j+1)
 mod n; 2×2 Gauss quadrature (local points a and 1 - a, a = (1 - 1/√3)/2, weights h²/4).
@@ -22,8 +22,8 @@ the null space) is mapped to 0, so every iterate keeps a zero-mean fluctuation.
 
 Krylov method: batched preconditioned CG (per-system α, β and convergence masks). The
 thermal Jacobian is symmetric positive definite; the EquiNO matrix law has a slightly
-non-symmetric tangent (about 0.1 %, DESIGN.md §4), for which CG has no guarantee. By
-default (``krylov="auto"``) every CG result is therefore checked against its true
+non-symmetric tangent (about 0.1 %, :mod:`neuroscale_coupling.cell.laws.equino`), for
+which CG has no guarantee. By default (``krylov="auto"``) every CG result is therefore checked against its true
 residual |b - J x|, and a batched right-preconditioned restarted GMRES corrects the
 systems that miss the tolerance (rare in practice). The residual's round-off mean is
 projected out before every solve: the exact residual sums to zero over the nodes.

@@ -1,4 +1,4 @@
-"""Calibration of the surrogate's uncertainty (DESIGN.md §6).
+"""Calibration of the surrogate's uncertainty (docs/design.md).
 
 The std returned per point and component is
 
@@ -122,7 +122,7 @@ def calibration_error(
     levels: Sequence[float] = LEVELS_P,
     multipliers: np.ndarray | Sequence[float] | None = None,
 ) -> float:
-    """mean over nominal levels p of |coverage(p) − p| (DESIGN.md §6); multipliers as in
+    """mean over nominal levels p of |coverage(p) − p|; multipliers as in
     :func:`coverage`."""
     cov = coverage(err, std, levels, multipliers)
     return float(np.mean(np.abs(cov - np.asarray(levels))))

@@ -1,4 +1,4 @@
-"""The SANO model file and the physical-unit predictor around it (DESIGN.md §6)::
+"""The SANO model file and the physical-unit predictor around it ::
 
     save_model("model.pt", model, domain=..., wavelet=..., normalization=..., material=...)
     model, meta = load_model("model.pt")        # torch.load(weights_only=True)

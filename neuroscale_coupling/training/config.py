@@ -1,5 +1,5 @@
 """The TOML training configuration: ``[data]``, ``[model]``, ``[training]``, ``[output]``
-tables as frozen dataclasses (DESIGN.md §6)::
+tables as frozen dataclasses (docs/training.md)::
 
     cfg = load_config("train.toml")            # TOML → frozen dataclasses
 

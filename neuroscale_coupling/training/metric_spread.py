@@ -1,7 +1,7 @@
 """How far the held-out figures of ``neuroscale evaluate`` can be trusted.
 
 The errors of a trained surrogate are mostly per microstructure: all states of one cell
-image share most of their error (DESIGN.md §6). The samples of a held-out split are
+image share most of their error. The samples of a held-out split are
 therefore not independent, and its size in samples overstates what it measures. At 32²
 voxels a one-parameter generator (a centred disk, centre + corner fibres) has only a few
 dozen distinct images, and the mechanical test split holds nine. A figure on such a

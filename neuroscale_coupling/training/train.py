@@ -1,7 +1,7 @@
 """Training of the NeuroScale surrogate (SANO): data, loss, loop, early stopping and
 calibration, ending with the model file.
 
-Pipeline step 5 (DESIGN.md §2, §6)::
+Pipeline step 5 (docs/design.md)::
 
     cfg = load_config("train.toml")            # surrogate.config
     result = train(cfg)                         # data, fit, early stopping, calibration, file

@@ -1,8 +1,9 @@
 """A closure as the external function of ``dolfinx-external-operator`` (FEMExternalOperator).
 
 For DOLFINx users who already write forms with ``FEMExternalOperator`` (package
-``dolfinx-external-operator`` 0.11, install it with ``pip install --no-deps``, see
-DESIGN.md §3). The closure's answer becomes the operator's values and its tangent the
+``dolfinx-external-operator`` 0.11; with the ``dolfinx-solver-real`` wheel install it with
+``pip install --no-deps``, since it asks for a distribution named ``fenics-dolfinx``). The
+closure's answer becomes the operator's values and its tangent the
 values of the operator's derivatives, which the package creates when the form is
 differentiated (``ufl.derivative``) and evaluates through the same external function::
 
