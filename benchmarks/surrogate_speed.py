@@ -24,6 +24,7 @@ from neuroscale_coupling.fine.fem import FESolver
 from neuroscale_coupling.models import shipped_model_path
 from neuroscale_coupling.surrogate.config import SANOConfig
 from neuroscale_coupling.surrogate.model import SANO
+from neuroscale_coupling.surrogate.model_file import Surrogate
 
 CASES = {
     "thermal": (
@@ -69,7 +70,7 @@ def main() -> None:
     cell = random_inclusions(args.n, 0.35, n_inclusions=4, seed=0)
     for physics, (material, state) in CASES.items():
         torch.manual_seed(0)
-        shipped = torch.load(shipped_model_path(physics), weights_only=True)["config"]
+        shipped = Surrogate.load(shipped_model_path(physics)).config.to_dict()
         cfg = SANOConfig.from_dict({**shipped, "image_size": args.n})
         model = SANO(cfg).eval()
         states = state * (1 + 0.2 * rng.standard_normal((args.points, 3)))

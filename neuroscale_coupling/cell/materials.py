@@ -30,7 +30,7 @@ from neuroscale_coupling.cell.laws import (
     ThermalPhase,
 )
 from neuroscale_coupling.cell.microstructure import from_array
-from neuroscale_coupling.cell.state_layout import MECHANICAL, THERMAL, layout_of
+from neuroscale_coupling.cell.state_layout import layout_of
 
 __all__ = [
     "Material",
@@ -46,7 +46,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Material:
-    """Base of the materials: phases indexed by the phase ids of a cell image."""
+    """Base of the materials: phases indexed by the phase ids of a cell image.
+
+    A subclass names its law (``law``); physics, state, response and parameter names
+    follow from it."""
 
     law: ClassVar[PhaseLaw]
     physics: ClassVar[str]
@@ -55,13 +58,23 @@ class Material:
     parameter_names: ClassVar[tuple[str, ...]]
     phases: tuple[Any, ...] = field(default=())
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A material of a law takes its physics, state and response names from the
+        law's layout and its parameter names from the law."""
+        super().__init_subclass__(**kwargs)
+        layout = cls.law.layout
+        cls.physics = layout.physics
+        cls.state_names = layout.state_names
+        cls.response_names = layout.response_names
+        cls.parameter_names = cls.law.parameter_names
+
     @property
     def state_dim(self) -> int:
-        return len(self.state_names)
+        return self.law.layout.state_dim
 
     @property
     def response_dim(self) -> int:
-        return len(self.response_names)
+        return self.law.layout.response_dim
 
     @property
     def n_phases(self) -> int:
@@ -120,10 +133,6 @@ class ThermalMaterial(Material):
     """
 
     law: ClassVar[PhaseLaw] = CONDUCTIVITY
-    physics: ClassVar[str] = THERMAL.physics
-    state_names: ClassVar[tuple[str, ...]] = THERMAL.state_names
-    response_names: ClassVar[tuple[str, ...]] = THERMAL.response_names
-    parameter_names: ClassVar[tuple[str, ...]] = CONDUCTIVITY.parameter_names
     phases: tuple[ThermalPhase, ...] = field(default=())
 
 
@@ -133,10 +142,6 @@ class MechanicalMaterial(Material):
     response Σ = ⟨σ⟩ (S11, S22, S12); tangent dΣ/dE, shape (3, 3)."""
 
     law: ClassVar[PhaseLaw] = EQUINO_LAW
-    physics: ClassVar[str] = MECHANICAL.physics
-    state_names: ClassVar[tuple[str, ...]] = MECHANICAL.state_names
-    response_names: ClassVar[tuple[str, ...]] = MECHANICAL.response_names
-    parameter_names: ClassVar[tuple[str, ...]] = EQUINO_LAW.parameter_names
     phases: tuple[MechanicalPhase, ...] = field(default=())
 
 

@@ -5,6 +5,7 @@ maps R of the square, then solving on the transformed cell ``transform_image(ima
 at the transformed state ``S_R state`` gives ``Q_R response`` and the tangent
 ``Q_R tangent S_R⁻¹``. Thermal: S_R = diag(R, 1) acting on (G, θ), Q_R = R. Mechanical
 (tensor-shear Voigt): S_R = Q_R = the matrix of ε ↦ R ε Rᵀ in (ε11, ε22, ε12).
+:func:`d4_average` makes any predictor exactly equivariant by averaging over the group.
 """
 
 from collections.abc import Callable, Sequence

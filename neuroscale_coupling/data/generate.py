@@ -1,36 +1,19 @@
-"""Training data for the NeuroScale surrogate: fine solves over a declared domain and family.
-
-Pipeline step 4 (docs/design.md)::
+"""Dataset generation: the fine solves of a :class:`~neuroscale_coupling.data.spec.
+DatasetSpec`, MPI-parallel (pipeline step 4)::
 
     spec = DatasetSpec(material, family, domain, n_cells=64, states_per_cell=16)
     data = generate(spec, comm=MPI.COMM_WORLD)       # collective; every rank gets it all
-    train, val, test = split(data, seed=0)           # by microstructure
+    train, val, test = split(data, seed=0)           # by microstructure (data.split)
     data.save("thermal.pt"); Dataset.load("thermal.pt")
-    wav = WaveletNormalizer.fit(train.images, material, levels=3)
-    norm = Normalization.fit(train, domain)
 
 * **States** come from a scrambled Sobol sequence (``scipy.stats.qmc``) seeded by the
-  spec's seed and scaled to the :class:`StateDomain`; cell ``c`` gets the consecutive
-  states ``[c k, (c + 1) k)`` of that sequence (``k = states_per_cell``).
-* **Cells** come from a :class:`CellFamily`: a member generator (from
-  :data:`neuroscale_coupling.cell.microstructure.GENERATORS`) and its varied parameters are
-  drawn from a second scrambled Sobol sequence; generators with a ``seed`` parameter (e.g.
-  ``random_inclusions``) get an integer seed per cell unless it is fixed.
-* **File format**: one file written by ``torch.save`` that loads with
-  ``torch.load(path, weights_only=True)``: tensors plus plain dicts/lists/str/int/float/
-  bool/None (the metadata: spec, per-cell generator parameters, package version). It is
-  written to a temporary file in the same folder and moved into place with
-  ``os.replace``, so a crash never leaves a partial file under the final name.
-* **Wavelet normalization**: the phase image is mapped to a scalar field ``v[image]``
-  with ``v`` = log of the phase's leading stiffness (log k0, thermal; log K, bulk
-  modulus, mechanical), so that cells of different phase laws are comparable on one
-  physical scale; then ``pywt.wavedec2`` (periodization) and a mean/std per (level,
-  orientation) fitted on the training images.
-* **State/response normalization**: states map affinely to [-1, 1] over the domain;
-  responses are divided by their per-component RMS over the training set (no shift, so
-  a zero state still maps to a zero response); tangents transform consistently, so the
-  normalized tangent is the exact derivative of the normalized response with respect to
-  the normalized state.
+  spec's seed and scaled to the :class:`~neuroscale_coupling.data.domain.StateDomain`;
+  cell ``c`` gets the consecutive states ``[c k, (c + 1) k)`` of that sequence
+  (``k = states_per_cell``).
+* **Cells** come from the spec's :class:`~neuroscale_coupling.cell.family.CellFamily`,
+  drawn from a second scrambled Sobol sequence.
+* The cells are block-distributed over the ranks, every rank gets the whole dataset
+  (:func:`generate`); the record and its file are :mod:`~neuroscale_coupling.data.dataset`.
 """
 
 import time

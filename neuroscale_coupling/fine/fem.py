@@ -427,9 +427,7 @@ class FESolver:
 
 
 # ---------------------------------------------------------------------- forms
-def _thermal_forms(
-    msh: Any, V: Any, law: ThermalLaw, params: dict[str, Any], dx: Any
-) -> dict[str, Any]:
+def _thermal_forms(msh: Any, V: Any, law: ThermalLaw, params: dict, dx: Any) -> dict:
     """Residual, Jacobian, ∂F/∂(G, θ), L_i and the flux expressions of the thermal law."""
     phi = fem.Function(V, name="phi")
     v = ufl.TestFunction(V)
@@ -456,9 +454,7 @@ def _thermal_forms(
             "set_state": set_state}  # fmt: skip
 
 
-def _mechanical_forms(
-    msh: Any, V: Any, law: MechanicalLaw, params: dict[str, Any], dx: Any
-) -> dict[str, Any]:
+def _mechanical_forms(msh: Any, V: Any, law: MechanicalLaw, params: dict, dx: Any) -> dict:
     """Residual, Jacobian, ∂F/∂E, L_i and the stress expressions of the mechanical law."""
     u = fem.Function(V, name="u")
     v = ufl.TestFunction(V)

@@ -23,10 +23,11 @@ the null space) is mapped to 0, so every iterate keeps a zero-mean fluctuation.
 Krylov method: batched preconditioned CG (per-system α, β and convergence masks). The
 thermal Jacobian is symmetric positive definite; the EquiNO matrix law has a slightly
 non-symmetric tangent (about 0.1 %, :mod:`neuroscale_coupling.cell.laws.equino`), for
-which CG has no guarantee. By default (``krylov="auto"``) every CG result is therefore checked against its true
-residual |b - J x|, and a batched right-preconditioned restarted GMRES corrects the
-systems that miss the tolerance (rare in practice). The residual's round-off mean is
-projected out before every solve: the exact residual sums to zero over the nodes.
+which CG has no guarantee. By default (``krylov="auto"``) every CG result is therefore
+checked against its true residual |b - J x|, and a batched right-preconditioned
+restarted GMRES corrects the systems that miss the tolerance (rare in practice). The
+residual's round-off mean is projected out before every solve: the exact residual sums to
+zero over the nodes.
 
 Newton: Eisenstat–Walker forcing terms for the inexact steps, then a per-cell
 backtracking (Armijo) line search on |r|, which makes the softening EquiNO matrix at

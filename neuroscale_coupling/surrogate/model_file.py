@@ -193,6 +193,14 @@ class Surrogate:
         self.model = model.eval()
         self._meta = dict(metadata)
         self.path = None if path is None else Path(path)
+        #: The phases the model was trained for (the fine solver of a fallback uses it).
+        self.material: Material = self._meta["material_obj"]
+        #: The box of macro states the model was trained on.
+        self.domain: StateDomain = self._meta["domain_obj"]
+        #: The input normalization of cell images.
+        self.wavelet: WaveletNormalizer = self._meta["wavelet_obj"]
+        #: State/response normalization of the loss.
+        self.normalization: Normalization = self._meta["normalization_obj"]
         train = self.replay_data
         self._image_family = (
             None if train is None else ImageFamily(train.images, self.material.n_phases)
@@ -222,29 +230,9 @@ class Surrogate:
         return self.config.physics
 
     @property
-    def material(self) -> Material:
-        """The phases the model was trained for (the fine solver of a fallback uses it)."""
-        return self._meta["material_obj"]
-
-    @property
-    def domain(self) -> StateDomain:
-        """The box of macro states the model was trained on."""
-        return self._meta["domain_obj"]
-
-    @property
     def image_size(self) -> int:
         """n of the (n, n) cell images the model reads."""
         return self.config.image_size
-
-    @property
-    def wavelet(self) -> WaveletNormalizer:
-        """The input normalization of cell images."""
-        return self._meta["wavelet_obj"]
-
-    @property
-    def normalization(self) -> Normalization:
-        """State/response normalization of the loss."""
-        return self._meta["normalization_obj"]
 
     @property
     def response_scale(self) -> np.ndarray:
