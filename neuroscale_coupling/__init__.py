@@ -1,8 +1,13 @@
 """neuroscale_coupling: closure operators for concurrent two-scale simulation (FE², HMM).
 
-Importing the package is light: torch, DOLFINx and petsc4py are imported only by the
-modules that need them (``neuroscale_coupling.fine.spectral`` and
-``neuroscale_coupling.fine.fem``).
+The folders follow the pipeline: ``cell`` (phase laws, materials, microstructures),
+``fine`` (exact cell solvers), ``data`` (datasets of fine solves), ``surrogate`` (the SANO
+model and its file), ``training`` (offline: train, evaluate), ``closure`` (online: what a
+host calls at its quadrature points) and ``hosts`` (host adapters: DOLFINx). The README
+and docs/design.md describe them.
+
+Importing the package is light: torch, DOLFINx, petsc4py and MPI are imported only by the
+modules that need them.
 """
 
 from neuroscale_coupling.cell.laws import EQUINO_FIBRE, EQUINO_MATRIX, MechanicalPhase, ThermalPhase

@@ -1,12 +1,20 @@
 """The shipped models answer as they did before the package was rearranged: predictions,
 family ratios, interval multipliers and the surrogate closure's answers equal reference
-outputs recorded with the earlier layout (tests/data/shipped_reference.npz) to 1e-12."""
+outputs recorded with the earlier layout (tests/data/shipped_reference.npz: recorded on
+commit 4c94995, one torch thread, 4 cells × 6 states per physics: Surrogate.predict, the
+same with the model in float64, family_ratio, the 95 % interval multipliers and a
+SurrogateClosure with every fallback test off) to 1e-12.
+
+The shipped files hold float32 models, whose sums round differently with the number of
+torch threads: their predictions are compared on one thread, as recorded; the float64
+predictions and the closure (which decodes in float64) are compared as they are."""
 
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mpi4py import MPI
 
 from neuroscale_coupling.cell.symmetry import symmetry_order
@@ -40,8 +48,16 @@ class _NoFallbackSolver:
         raise AssertionError("no point should fall back")
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("physics", ["thermal", "mechanical"])
-def test_shipped_model_predictions_unchanged(reference, physics):
+def test_shipped_model_predictions_unchanged(reference, physics, one_thread):
     sur = Surrogate.load(shipped_model_path(physics))
     images, states = reference[f"{physics}/images"], reference[f"{physics}/states"]
     pred = sur.predict(images, states, level=0.95)
@@ -52,6 +68,15 @@ def test_shipped_model_predictions_unchanged(reference, physics):
     _close(pred.half_width, k95[0][:, None] * pred.std, f"{physics} interval")
     cells = images[:: images.shape[0] // 4]
     _close(sur.family_ratio(cells), reference[f"{physics}/family_ratio"], f"{physics} family")
+
+
+@pytest.mark.parametrize("physics", ["thermal", "mechanical"])
+def test_shipped_model_float64_predictions_unchanged(reference, physics):
+    sur = Surrogate.load(shipped_model_path(physics)).to(dtype=torch.float64)
+    images, states = reference[f"{physics}/images"], reference[f"{physics}/states"]
+    pred = sur.predict(images, states)
+    for name in ("response", "tangent", "std"):
+        _close(getattr(pred, name), reference[f"{physics}/{name}64"], f"{physics} {name}")
 
 
 @pytest.mark.parametrize("physics", ["thermal", "mechanical"])

@@ -54,8 +54,10 @@ class SurrogateClosure(Closure):
     surrogate: the trained model (its material must equal the solver's). solver: fine
     solver for the fallback points. cells: (n_local, n, n) phase images of this rank's
     points, n = the model's image size. policy: fallback thresholds. enrichment: options of
-    online enrichment, None = off. The model runs in float64 on the CPU (results do not
-    depend on how points are split over ranks). All calls are collective.
+    online enrichment, None = off. The closure decodes with its own float64 CPU copy of the
+    model, ``closure.surrogate`` (results do not depend on how points are split over
+    ranks; enrichment fine-tunes the copy, the caller's surrogate is left as it is). All
+    calls are collective.
     """
 
     def __init__(

@@ -12,8 +12,9 @@ that a closure encodes a cell once and decodes many macro states.
 
 ``fraction_input``: the last latent component is not learned but the cell mean of the
 normalized approximation coefficients (an affine function of the volume fraction, see the
-``descriptors`` variant of :mod:`~neuroscale_coupling.surrogate.encoders`), so that the decoder sees the first-order parameter of the
-effective response exactly, for cells the encoder never saw.
+``descriptors`` variant of :mod:`~neuroscale_coupling.surrogate.encoders`), so that the
+decoder sees the first-order parameter of the effective response exactly, for cells the
+encoder never saw.
 
 Uncertainty: M fixed Monte Carlo dropout masks on the last hidden layer (the M samples
 share the trunk and the derivatives of the hidden layer). The masks act linearly on the
