@@ -24,3 +24,12 @@ def assert_same_on_all_ranks(comm: MPI.Comm, array: np.ndarray) -> None:
     arrays = comm.allgather(np.asarray(array))
     for a in arrays[1:]:
         np.testing.assert_array_equal(a, arrays[0])
+
+
+def evaluate_step(closure, states, step: int = 0):
+    """One closure step of a single evaluation (the host protocol): begin_step, evaluate,
+    end_step; returns the ClosureResult."""
+    closure.begin_step(step)
+    result = closure.evaluate(states)
+    closure.end_step()
+    return result

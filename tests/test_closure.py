@@ -71,6 +71,7 @@ def test_nan_state_raises_on_every_rank(comm):
     closure = ExactClosure(MAT, SpectralSolver(MAT), cells, comm=comm)
     if comm.rank == 0:
         states[2, 1] = np.nan
+    closure.begin_step(0)
     with pytest.raises(ValueError, match="NaN/Inf"):
         closure.evaluate(states)
 
@@ -80,6 +81,7 @@ def test_fine_failure_on_one_rank_raises_everywhere_naming_the_point(comm):
     if comm.rank == 0:
         states[-1] = [1.0, 1.0, -7.0]  # 1 + αθ < 0: an ill-posed cell problem
     closure = ExactClosure(MAT, SpectralSolver(MAT), cells, comm=comm)
+    closure.begin_step(0)
     with pytest.raises((FineSolveError, RuntimeError), match=r"point 6|failed on another rank"):
         closure.evaluate(states)
 
@@ -97,5 +99,51 @@ def test_collective_call_propagates(comm):
 def test_wrong_number_of_states_is_a_clear_error(comm):
     cells, states = _unbalanced_points(comm)
     closure = ExactClosure(MAT, SpectralSolver(MAT), cells, comm=comm)
+    closure.begin_step(0)
     with pytest.raises(ValueError, match="shape"):
         closure.evaluate(states[:, :2])
+    # only this rank's states are short: every rank raises, none waits
+    short = states[:-1] if comm.rank == 0 else states
+    with pytest.raises((ValueError, RuntimeError), match=r"local points|another rank"):
+        closure.evaluate(short)
+
+
+def test_calls_out_of_order_name_the_missing_call(comm):
+    """The host protocol is enforced: begin_step → evaluate per iterate → revise_step →
+    end_step; a call out of order raises on every rank and names what is missing."""
+    cells, states = _unbalanced_points(comm)
+    closure = ExactClosure(MAT, SpectralSolver(MAT), cells, comm=comm)
+    with pytest.raises(RuntimeError, match=r"evaluate\(\) outside a step: call begin_step"):
+        closure.evaluate(states)
+    with pytest.raises(RuntimeError, match=r"end_step\(\) outside a step"):
+        closure.end_step()
+    with pytest.raises(RuntimeError, match=r"revise_step\(\) outside a step"):
+        closure.revise_step()
+    closure.begin_step(0)
+    with pytest.raises(RuntimeError, match=r"revise_step\(\) before any evaluate"):
+        closure.revise_step()
+    with pytest.raises(RuntimeError, match=r"begin_step\(1\) while step 0 is still open"):
+        closure.begin_step(1)
+    closure.evaluate(states)
+    assert closure.revise_step() is False
+    assert closure.end_step().evaluations == 1
+    # a failed step is closed with abort_step and leaves no record
+    closure.begin_step(1)
+    closure.abort_step()
+    closure.begin_step(1)
+    closure.evaluate(states)
+    closure.end_step()
+    assert [s.step for s in closure.history] == [0, 1] and closure.totals.steps == 2
+
+
+def test_history_is_a_window_and_totals_cover_the_run(comm):
+    cells, states = _unbalanced_points(comm)
+    closure = ExactClosure(MAT, SpectralSolver(MAT), cells, comm=comm, history_window=3)
+    for k in range(5):
+        closure.begin_step(k)
+        closure.evaluate(states)
+        closure.end_step()
+    assert [s.step for s in closure.history] == [2, 3, 4]
+    assert closure.totals.steps == 5 and closure.totals.evaluations == 5
+    assert closure.totals.point_steps == 5 * closure.n_global
+    assert closure.totals.exact_solves == 5 * closure.n_global

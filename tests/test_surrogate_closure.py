@@ -3,6 +3,7 @@ where one does; the decision is fixed through a step and revised only on request
 work is balanced over the ranks and gives the same answers on any distribution; the family
 distance is zero for training cells under every symmetry; bad input is refused clearly."""
 
+import logging
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from mpi4py import MPI
 
 pytest.importorskip("dolfinx_solver")
 
-from conftest import assert_same_on_all_ranks
+from conftest import assert_same_on_all_ranks, evaluate_step
 from surrogate_cases import tiny_surrogate
 
 from neuroscale_coupling.cell.laws import ThermalPhase
@@ -59,6 +60,7 @@ def test_no_fallback_equals_the_surrogate(tiny, comm):
     closure = SurrogateClosure(
         sur, FESolver(sur.material), _local(comm, cells), comm=comm, policy=OFF
     )
+    closure.begin_step(0)
     res = closure.evaluate(_local(comm, states))
     pred = sur.predict(_local(comm, cells), _local(comm, states))
     q, t, s = pred.response, pred.tangent, pred.std
@@ -74,7 +76,7 @@ def test_no_fallback_equals_the_surrogate(tiny, comm):
     own.model.set_interval_multipliers(
         own.model.interval_table.double().numpy(), [3.0, 1.5, 2.0, 0.25]
     )
-    res = closure.evaluate(_local(comm, states))
+    res = evaluate_step(closure, _local(comm, states), 1)
     s2 = own.predict(_local(comm, cells), _local(comm, states)).std
     np.testing.assert_allclose(res.std, s2, rtol=1e-12, atol=1e-14)
     if s2.size:
@@ -88,7 +90,7 @@ def test_closure_leaves_the_callers_model_as_it_is(tiny32, comm):
     cells, states = _points(data, 6)
     before = {k: v.clone() for k, v in sur.model.state_dict().items()}
     closure = SurrogateClosure(sur, FESolver(sur.material), _local(comm, cells), comm=comm)
-    closure.evaluate(_local(comm, states))
+    evaluate_step(closure, _local(comm, states))
     assert closure.surrogate.model.state_scale.dtype == torch.float64
     assert closure.surrogate.model is not sur.model
     for k, v in sur.model.state_dict().items():
@@ -103,14 +105,15 @@ def test_all_fallback_equals_the_exact_closure_on_any_distribution(tiny, comm):
     solver = FESolver(sur.material)
     everything = FallbackPolicy(std_abs=0.0, std_rel=math.inf, family_threshold=math.inf)
     serial = SurrogateClosure(sur, solver, cells, comm=MPI.COMM_SELF, policy=everything)
-    ref = serial.evaluate(states)
-    exact = ExactClosure(sur.material, solver, cells, comm=MPI.COMM_SELF).evaluate(states)
+    ref = evaluate_step(serial, states)
+    exact = evaluate_step(ExactClosure(sur.material, solver, cells, comm=MPI.COMM_SELF), states)
     np.testing.assert_allclose(ref.response, exact.response, rtol=1e-12)
     np.testing.assert_allclose(ref.tangent, exact.tangent, rtol=1e-12, atol=1e-13)
     assert ref.exact.all() and not ref.std.any()
     # all points on rank 0, none elsewhere: the fallback work is still split evenly
     mine = slice(None) if comm.rank == 0 else slice(0, 0)
     closure = SurrogateClosure(sur, solver, cells[mine], comm=comm, policy=everything)
+    closure.begin_step(0)
     res = closure.evaluate(states[mine])
     np.testing.assert_allclose(res.response, ref.response[mine], rtol=1e-12)
     np.testing.assert_allclose(res.tangent, ref.tangent[mine], rtol=1e-12, atol=1e-13)
@@ -120,14 +123,23 @@ def test_all_fallback_equals_the_exact_closure_on_any_distribution(tiny, comm):
     assert stats.fallbacks["uncertainty"] == 10 and stats.exact_solves == 10
 
 
-def test_domain_fallback_marks_exactly_the_points_outside(tiny, comm):
+def test_domain_fallback_marks_exactly_the_points_outside(tiny, comm, caplog):
     sur, data = tiny
     cells, states = _points(data, 12, seed=7)
     states[::3, 0] = 2.5  # G1 beyond the box [-2, 2]
     policy = FallbackPolicy(std_rel=math.inf, family_threshold=math.inf)
     solver = FESolver(sur.material)
     closure = SurrogateClosure(sur, solver, _local(comm, cells), comm=comm, policy=policy)
-    res = closure.evaluate(_local(comm, states))
+    closure.begin_step(0)
+    with caplog.at_level(logging.WARNING, logger="neuroscale_coupling"):
+        res = closure.evaluate(_local(comm, states))
+    # a third of the points outside the box: a WARNING (rank 0) says why and what to check
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if comm.rank == 0:
+        assert len(warned) == 1 and "outside the trained domain" in warned[0], warned
+        assert "units" in warned[0] and "2.5" in warned[0], warned[0]
+    else:
+        assert not warned
     outside = _local(comm, np.arange(12) % 3 == 0)
     np.testing.assert_array_equal(res.exact, outside)
     ref = solver.solve(_local(comm, cells)[outside], _local(comm, states)[outside])
@@ -183,7 +195,9 @@ def test_family_ratio_marks_foreign_cells_and_inflates_their_std(tiny, comm):
     cut = float(inside.max())
     policy = FallbackPolicy(std_rel=math.inf, family_threshold=cut)
     states = data.spec.domain.sample(cells.shape[0], seed=3)
-    res = SurrogateClosure(sur, solver, cells, comm=MPI.COMM_SELF, policy=policy).evaluate(states)
+    res = evaluate_step(
+        SurrogateClosure(sur, solver, cells, comm=MPI.COMM_SELF, policy=policy), states
+    )
     np.testing.assert_array_equal(res.exact, ratio > cut)
     assert res.exact[-3:].all(), (ratio[-3:], cut)  # laminates and checkerboard are foreign
     # the std's family term: √(calibrated² + (gain · (ρ − 1)₊ · ‖Q‖)²)

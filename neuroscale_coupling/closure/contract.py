@@ -12,6 +12,7 @@ ExactClosure` and :class:`~neuroscale_coupling.closure.surrogate_closure.Surroga
 """
 
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,13 +24,30 @@ from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import BlockPlan, collective_call, gather, scatter
 
-__all__ = ["FALLBACK_REASONS", "Closure", "ClosureResult", "StepStats", "as_states"]
+__all__ = [
+    "CALL_ORDER",
+    "FALLBACK_REASONS",
+    "HISTORY_WINDOW",
+    "Closure",
+    "ClosureResult",
+    "RunTotals",
+    "StepStats",
+    "as_states",
+]
 
 
 #: Why a point was handed to the fine solver, in the order the tests are applied (a point
 #: failing several counts under the first); reason code k + 1 in per-point arrays, 0 = not.
 FALLBACK_REASONS = ("domain", "family", "uncertainty")
 
+
+#: The order of the calls a host makes each step (all collective).
+CALL_ORDER = (
+    "begin_step(k) -> evaluate(states) once per Newton iterate -> revise_step() after the "
+    "Newton solve converged (solve the step again while it returns True) -> end_step()"
+)
+#: Steps whose statistics ``Closure.history`` keeps; the whole run is in ``Closure.totals``.
+HISTORY_WINDOW = 100
 
 log = get_logger(__name__)
 
@@ -46,6 +64,22 @@ class ClosureResult:
     tangent: np.ndarray
     std: np.ndarray
     exact: np.ndarray
+
+    def write_to(self, *, response: Any = None, tangent: Any = None, std: Any = None) -> None:
+        """Copy the answer into a host's storage, point-major: each target a PETSc Vec
+        (its local entries) or a writable numpy array with n·r (response, std) or n·r·d
+        (tangent) entries. Not collective."""
+        for name, target in (("response", response), ("tangent", tangent), ("std", std)):
+            if target is None:
+                continue
+            values = getattr(self, name).reshape(-1)
+            local = target.getArray() if hasattr(target, "getArray") else target
+            if np.size(local) != values.size:
+                raise ValueError(
+                    f"write_to: the {name} target holds {np.size(local)} local entries but "
+                    f"the answer has {values.size} ({getattr(self, name).shape}, point-major)"
+                )
+            np.copyto(np.asarray(local).reshape(-1), values)
 
 
 @dataclass
@@ -74,13 +108,49 @@ class StepStats:
         return asdict(self)
 
 
+@dataclass
+class RunTotals:
+    """The statistics of every step of a run, summed (times summed over steps of the
+    slowest rank's step times; max_std: the largest over the run); bounded in size."""
+
+    steps: int = 0
+    point_steps: int = 0
+    evaluations: int = 0
+    exact_solves: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    revisions: int = 0
+    seconds_surrogate: float = 0.0
+    seconds_fine: float = 0.0
+    max_std: float = 0.0
+
+    def add(self, stats: StepStats) -> None:
+        self.steps += 1
+        self.point_steps += stats.points
+        self.evaluations += stats.evaluations
+        self.exact_solves += stats.exact_solves
+        for reason, count in stats.fallbacks.items():
+            self.fallbacks[reason] = self.fallbacks.get(reason, 0) + count
+        self.revisions += stats.revisions
+        self.seconds_surrogate += stats.seconds_surrogate
+        self.seconds_fine += stats.seconds_fine
+        self.max_std = max(self.max_std, stats.max_std)
+
+    @property
+    def fallback_fraction(self) -> float:
+        """Point-steps answered by a fine solve because they fell back, over all."""
+        return sum(self.fallbacks.values()) / self.point_steps if self.point_steps else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fallback_fraction": self.fallback_fraction}
+
+
 def as_states(states: Any, state_dim: int) -> np.ndarray:
     """States as a float64 array (n, state_dim) from an array or a PETSc Vec.
 
     A Vec holds the states point-major (n * state_dim local entries).
     """
-    if hasattr(states, "getArray"):
-        states = states.getArray(readonly=True).reshape(-1, state_dim)
+    if hasattr(states, "getArray"):  # a copy: the Vec's read-only view must not leak out
+        states = np.array(states.getArray(readonly=True)).reshape(-1, state_dim)
     s = np.asarray(states)
     if s.dtype.kind not in "fiu":
         raise TypeError(f"closure states must be real numbers; got dtype {s.dtype}")
@@ -89,64 +159,80 @@ def as_states(states: Any, state_dim: int) -> np.ndarray:
             f"closure states have shape (n_local, {state_dim}); got {s.shape}: pass one row "
             "per local quadrature point"
         )
-    return np.ascontiguousarray(s, dtype=np.float64)
+    s = np.ascontiguousarray(s, dtype=np.float64)
+    return s if s.flags.writeable else s.copy()
 
 
 class Closure:
     """Base of the closure backends: the collective contract and the step bookkeeping.
 
-    Subclasses implement ``_evaluate(states) -> ClosureResult`` on validated states.
+    The host's calls per step, all collective (:data:`CALL_ORDER`): ``begin_step(k)``,
+    ``evaluate(states)`` once per Newton iterate, ``revise_step()`` after the Newton solve
+    converged (solve the step again while it returns True), ``end_step()``. A call out of
+    this order raises RuntimeError naming the missing call, on every rank alike;
+    ``abort_step()`` closes a step that failed. ``history`` keeps the statistics of the last
+    ``history_window`` steps, ``totals`` those of the whole run.
+
+    Subclasses implement ``_evaluate(states) -> ClosureResult`` on validated states and may
+    hook ``_start_step``, ``_revise`` and ``_finish_step``.
     """
 
-    def __init__(self, material: Material, n_local: int, *, comm: MPI.Comm) -> None:
+    def __init__(
+        self,
+        material: Material,
+        n_local: int,
+        *,
+        comm: MPI.Comm,
+        history_window: int = HISTORY_WINDOW,
+    ) -> None:
         self.material = material
         self.comm = comm
         self.n_local = int(n_local)
         self.n_global = comm.allreduce(self.n_local)
-        self.history: list[StepStats] = []
+        if not (isinstance(history_window, int) and history_window >= 1):
+            raise ValueError(f"history_window={history_window!r} must be an integer >= 1")
+        self.history: deque[StepStats] = deque(maxlen=history_window)
+        self.totals = RunTotals()
         self._step: StepStats | None = None
 
+    # ------------------------------------------------------------------ the call order
     def begin_step(self, step: int) -> None:
-        """Start a step (collective): decisions that hold for the whole step are taken here."""
+        """Start step ``step`` (collective): decisions that hold for the whole step are
+        taken at its first evaluate."""
+        if self._step is not None:
+            raise RuntimeError(
+                f"begin_step({step}) while step {self._step.step} is still open: call "
+                f"end_step() (or abort_step() after a failure) first; per step: {CALL_ORDER}"
+            )
         self._step = StepStats(step=int(step), points=self.n_global)
+        self._start_step()
 
-    def end_step(self) -> StepStats:
-        """Close the step (collective) and return its statistics, also kept in ``history``."""
-        stats = self._current()
-        stats.exact_solves = self.comm.allreduce(stats.exact_solves)
-        stats.seconds_fine = self.comm.allreduce(stats.seconds_fine, op=MPI.MAX)
-        stats.seconds_surrogate = self.comm.allreduce(stats.seconds_surrogate, op=MPI.MAX)
-        stats.max_std = self.comm.allreduce(stats.max_std, op=MPI.MAX)
-        self.history.append(stats)
-        self._step = None
-        return stats
-
-    def point_maps(self) -> dict[str, np.ndarray]:
-        """Per-point data of the last step for maps, name -> (n_local,) (none here)."""
-        return {}
-
-    def revise_step(self) -> bool:
-        """After the host's Newton solve of a step converged (collective): True, on every
-        rank, when the closure changed a decision and the step must be solved again."""
-        return False
-
-    def _current(self) -> StepStats:
+    def _open(self, call: str) -> StepStats:
         if self._step is None:
-            self.begin_step(len(self.history))
-        assert self._step is not None
+            raise RuntimeError(
+                f"{call} outside a step: call begin_step(k) first; per step: {CALL_ORDER}"
+            )
         return self._step
 
     def evaluate(self, states: Any) -> ClosureResult:
         """Response, tangent, std and exact-mask at this rank's points (collective).
 
-        states: (n_local, d) float64 array, or a PETSc Vec with n_local * d local entries.
+        states: (n_local, d) float64 array, or a PETSc Vec with n_local * d local entries
+        (point-major). Bad input (wrong type or shape, NaN/Inf) raises ValueError/TypeError
+        on every rank.
         """
-        s = as_states(states, self.material.state_dim)
-        if s.shape[0] != self.n_local:
-            raise ValueError(
-                f"evaluate got {s.shape[0]} states but this closure was set up for "
-                f"{self.n_local} local points"
-            )
+        stats = self._open("evaluate()")
+
+        def checked() -> np.ndarray:
+            s = as_states(states, self.material.state_dim)
+            if s.shape[0] != self.n_local:
+                raise ValueError(
+                    f"evaluate got {s.shape[0]} states but this closure was set up for "
+                    f"{self.n_local} local points"
+                )
+            return s
+
+        s = collective_call(self.comm, checked, "closure input")
         bad = ~np.all(np.isfinite(s), axis=1)
         n_bad = self.comm.allreduce(int(bad.sum()))
         if n_bad:
@@ -158,9 +244,69 @@ class Closure:
                 f"{n_bad} macro state(s) are NaN/Inf ({local}, rank {self.comm.rank}): the host "
                 "Newton iterate diverged; reduce the load step or check the host solve"
             )
-        stats = self._current()
         stats.evaluations += 1
         return self._evaluate(s)
+
+    def revise_step(self) -> bool:
+        """After the host's Newton solve of a step converged (collective): True, on every
+        rank, when the closure changed a decision and the step must be solved again."""
+        stats = self._open("revise_step()")
+        if stats.evaluations == 0:
+            raise RuntimeError(
+                f"revise_step() before any evaluate() of step {stats.step}: call it after "
+                f"the step's Newton solve; per step: {CALL_ORDER}"
+            )
+        return self._revise()
+
+    def end_step(self) -> StepStats:
+        """Close the step (collective) and return its statistics, also kept in ``history``
+        and summed into ``totals``."""
+        stats = self._open("end_step()")
+        self._finish_step(stats)
+        stats.exact_solves = self.comm.allreduce(stats.exact_solves)
+        stats.seconds_fine = self.comm.allreduce(stats.seconds_fine, op=MPI.MAX)
+        stats.seconds_surrogate = self.comm.allreduce(stats.seconds_surrogate, op=MPI.MAX)
+        stats.max_std = self.comm.allreduce(stats.max_std, op=MPI.MAX)
+        self.history.append(stats)
+        self.totals.add(stats)
+        self._step = None
+        self._log_step(stats)
+        return stats
+
+    def abort_step(self) -> None:
+        """Close an open step without recording it (collective), after the host's solve of
+        it failed; the next step starts afresh. No-op without an open step."""
+        self._step = None
+
+    # ------------------------------------------------------------------ hooks
+    def _start_step(self) -> None:
+        """Subclass hook at begin_step."""
+
+    def _revise(self) -> bool:
+        """Subclass hook of revise_step: True when the step must be solved again."""
+        return False
+
+    def _finish_step(self, stats: StepStats) -> None:
+        """Subclass hook at end_step, before the statistics are reduced (collective)."""
+
+    def _log_step(self, stats: StepStats) -> None:
+        if self.comm.rank != 0:
+            return
+        fell = sum(stats.fallbacks.values())
+        share = fell / stats.points if stats.points else 0.0
+        log.info(
+            "step %d: %d points, %d evaluations, fallback fraction %.4f %s, %d fine solves "
+            "(%.3f s), surrogate %.3f s",
+            stats.step, stats.points, stats.evaluations, share, stats.fallbacks,
+            stats.exact_solves, stats.seconds_fine, stats.seconds_surrogate,
+        )  # fmt: skip
+
+    def point_maps(self) -> dict[str, np.ndarray]:
+        """Per-point data of the last step for maps, name -> (n_local,) (none here)."""
+        return {}
+
+    def _current(self) -> StepStats:
+        return self._open("a closure call")
 
     def _evaluate(self, states: np.ndarray) -> ClosureResult:
         raise NotImplementedError

@@ -8,7 +8,7 @@ import numpy as np
 from mpi4py import MPI
 
 from neuroscale_coupling.cell.materials import Material
-from neuroscale_coupling.closure.contract import Closure, ClosureResult
+from neuroscale_coupling.closure.contract import HISTORY_WINDOW, Closure, ClosureResult
 from neuroscale_coupling.fine.protocol import FineSolver, broadcast_cells
 from neuroscale_coupling.parallel import BlockPlan, scatter
 
@@ -23,12 +23,18 @@ class ExactClosure(Closure):
     """
 
     def __init__(
-        self, material: Material, solver: FineSolver, cells: np.ndarray, *, comm: MPI.Comm
+        self,
+        material: Material,
+        solver: FineSolver,
+        cells: np.ndarray,
+        *,
+        comm: MPI.Comm,
+        history_window: int = HISTORY_WINDOW,
     ) -> None:
         cells = np.asarray(cells)
         if cells.ndim != 3:
             raise ValueError(f"cells must be a stack (n_local, n, n); got shape {cells.shape}")
-        super().__init__(material, cells.shape[0], comm=comm)
+        super().__init__(material, cells.shape[0], comm=comm, history_window=history_window)
         sizes = comm.allgather(cells.shape[1:] if cells.shape[0] else None)
         if len({s for s in sizes if s is not None}) > 1:
             raise ValueError(f"all cells must have one resolution; ranks hold {sizes}")

@@ -41,7 +41,9 @@ class FallbackPolicy:
     units). std_rel: ‖std‖ / max(‖response‖, rel_floor · response_rms) above which a point
     falls back. domain_tol: half-widths a state may lie outside the training box.
     family_threshold: family ratio (:meth:`Surrogate.family_ratio`) above which a cell is
-    out of family.
+    out of family. warn_fraction: share of the points above which falling back for
+    ``domain`` or ``family`` in a step logs a WARNING that says why (states in other units
+    or cells unlike the training ones are the usual causes; 1 switches it off).
     """
 
     std_abs: float = math.inf
@@ -49,12 +51,17 @@ class FallbackPolicy:
     rel_floor: float = 1.0
     domain_tol: float = 0.0
     family_threshold: float = 1.25
+    warn_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("std_abs", "std_rel", "domain_tol", "family_threshold"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and v >= 0) or math.isnan(v):
                 raise ValueError(f"FallbackPolicy.{name}={v!r} must be a number >= 0 (inf: off)")
+        if not 0 <= self.warn_fraction <= 1:
+            raise ValueError(
+                f"FallbackPolicy.warn_fraction={self.warn_fraction!r} must be in [0, 1]"
+            )
         if not 0 < self.rel_floor < math.inf:
             raise ValueError(f"FallbackPolicy.rel_floor={self.rel_floor} must be in (0, inf)")
 

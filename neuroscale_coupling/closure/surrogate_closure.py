@@ -35,7 +35,13 @@ from mpi4py import MPI
 
 from neuroscale_coupling.cell.materials import material_to_dict
 from neuroscale_coupling.cell.microstructure import distinct_images
-from neuroscale_coupling.closure.contract import FALLBACK_REASONS, Closure, ClosureResult
+from neuroscale_coupling.closure.contract import (
+    FALLBACK_REASONS,
+    HISTORY_WINDOW,
+    Closure,
+    ClosureResult,
+    StepStats,
+)
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions, OnlineEnrichment
 from neuroscale_coupling.closure.fallback import FallbackPolicy, fallback_reasons
 from neuroscale_coupling.fine.protocol import FineSolver, broadcast_cells
@@ -69,12 +75,13 @@ class SurrogateClosure(Closure):
         comm: MPI.Comm,
         policy: FallbackPolicy | None = None,
         enrichment: EnrichmentOptions | None = None,
+        history_window: int = HISTORY_WINDOW,
     ) -> None:
         material = surrogate.material
         cells = np.asarray(cells)
         if cells.ndim != 3:
             raise ValueError(f"cells must be a stack (n_local, n, n); got shape {cells.shape}")
-        super().__init__(material, cells.shape[0], comm=comm)
+        super().__init__(material, cells.shape[0], comm=comm, history_window=history_window)
         if material_to_dict(solver.material) != material_to_dict(material):
             raise ValueError(
                 f"the fine solver's material {material_to_dict(solver.material)} differs from "
@@ -146,8 +153,7 @@ class SurrogateClosure(Closure):
         return self.surrogate.decode(self._encoded, states, self._cell_of_point)
 
     # ------------------------------------------------------------------ decisions
-    def begin_step(self, step: int) -> None:
-        super().begin_step(step)
+    def _start_step(self) -> None:
         self._decided = False
         self._last = None
 
@@ -163,7 +169,7 @@ class SurrogateClosure(Closure):
             response_rms=self._response_rms,
         )
 
-    def _mark(self, reason: np.ndarray) -> None:
+    def _mark(self, reason: np.ndarray, states: np.ndarray) -> None:
         """Fix the marked set for the step and plan its balanced work (collective)."""
         self.reason = reason
         self._marked = np.flatnonzero(reason > 0)
@@ -177,6 +183,48 @@ class SurrogateClosure(Closure):
         self._current().fallbacks = {
             k: int(c) for k, c in zip(FALLBACK_REASONS, total, strict=True)
         }
+        self._warn_fallbacks(total, reason, states)
+
+    def _warn_fallbacks(self, total: np.ndarray, reason: np.ndarray, states: np.ndarray) -> None:
+        """A WARNING (rank 0) when more than ``policy.warn_fraction`` of the points fall back
+        because their state lies outside the trained domain or their cell outside the
+        training family: the usual cause is a host whose states or cells are not what the
+        model was trained on (collective; global counts ``total`` by reason)."""
+        share = total / max(self.n_global, 1)
+        step = self._current().step
+        domain = FALLBACK_REASONS.index("domain")
+        if share[domain] > self.policy.warn_fraction:
+            out = states[reason == domain + 1]
+            d = self.material.state_dim
+            lo = out.min(axis=0) if out.size else np.full(d, np.inf)
+            hi = out.max(axis=0) if out.size else np.full(d, -np.inf)
+            self.comm.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
+            self.comm.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
+            if self.comm.rank == 0:
+                box = self.surrogate.domain
+                log.warning(
+                    "step %d: %d of %d points (%.0f %%) have states outside the trained "
+                    "domain %s in [%s, %s] (theirs: [%s, %s]): are the host's states in the "
+                    "model's units and order (%s)? They are solved exactly; train on a domain "
+                    "that covers the run, or relax FallbackPolicy.domain_tol",
+                    step, total[domain], self.n_global, 100 * share[domain], box.names,
+                    _fmt(box.lower), _fmt(box.upper), _fmt(lo), _fmt(hi),
+                    ", ".join(self.material.state_names),
+                )  # fmt: skip
+        family = FALLBACK_REASONS.index("family")
+        if share[family] > self.policy.warn_fraction:
+            mine = self.family_ratio[reason == family + 1]
+            top = self.comm.allreduce(float(mine.max(initial=0.0)), op=MPI.MAX)
+            if self.comm.rank == 0:
+                log.warning(
+                    "step %d: %d of %d points (%.0f %%) have cells outside the model's "
+                    "training family (family ratio up to %.3g > %.3g): check the cell images "
+                    "(%d×%d, phase ids 0..%d as in training) or train a model on these cells; "
+                    "they are solved exactly",
+                    step, total[family], self.n_global, 100 * share[family], top,
+                    self.policy.family_threshold, self.surrogate.image_size,
+                    self.surrogate.image_size, self.material.n_phases - 1,
+                )  # fmt: skip
 
     def point_maps(self) -> dict[str, np.ndarray]:
         """``fallback``: reason code per point (0 surrogate, k + 1 = FALLBACK_REASONS[k]);
@@ -186,7 +234,7 @@ class SurrogateClosure(Closure):
             "predicted_std": np.linalg.norm(self.predicted_std, axis=1),
         }
 
-    def revise_step(self) -> bool:
+    def _revise(self) -> bool:
         """After a converged Newton solve (collective): repeat the fallback tests at the
         converged states; True (on every rank) when points were added to the marked set,
         i.e. the step must be solved again."""
@@ -198,7 +246,7 @@ class SurrogateClosure(Closure):
         added = self.comm.allreduce(int(np.count_nonzero(new != self.reason)))
         if added:
             log.info("step revision: %d more point(s) fall back to the fine solver", added)
-            self._mark(new)
+            self._mark(new, states)
             self._current().revisions += 1
         return bool(added)
 
@@ -211,7 +259,7 @@ class SurrogateClosure(Closure):
         self.predicted_std = std
         stats.max_std = max(stats.max_std, float(np.max(std, initial=0.0)))
         if not self._decided:
-            self._mark(self._reasons(states, response, std))
+            self._mark(self._reasons(states, response, std), states)
             self._decided = True
         if self._n_marked:
             r_ex, t_ex = self._balanced_solve(
@@ -227,7 +275,7 @@ class SurrogateClosure(Closure):
         return result
 
     # ------------------------------------------------------------------ end of step
-    def end_step(self) -> Any:
+    def _finish_step(self, stats: StepStats) -> None:
         if self.enrichment is not None and self._last is not None:
             states, result = self._last
             m = self._marked
@@ -238,5 +286,8 @@ class SurrogateClosure(Closure):
                     self._unique, family_ratio=self._encoded.family_ratio
                 )
                 self.enrichment_history.append(info)
-                self._current().enrichment = info
-        return super().end_step()
+                stats.enrichment = info
+
+
+def _fmt(values: Any) -> str:
+    return ", ".join(f"{float(v):.4g}" for v in np.asarray(values).reshape(-1))

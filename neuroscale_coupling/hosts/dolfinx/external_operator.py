@@ -16,7 +16,11 @@ differentiated (``ufl.derivative``) and evaluates through the same external func
     J_r, J_ops = replace_external_operators(J)
     problem = NonlinearProblem(F_r, T, J=J_r, bcs=bcs, petsc_options_prefix="fe2_", ...)
     attach_to_nonlinear_problem(problem, bcs, F_ops, J_ops)
+    ext = q.external_function
+    ext.begin_step(k)                # every step: the closure's call order
     problem.solve()
+    if ext.revise_step(): ...        # solve the step again
+    ext.end_step()
 
 What the package expects (checked on 0.11.0 with the DOLFINx 0.11 wheel):
 
@@ -205,9 +209,22 @@ class ClosureExternalFunction:
         self.clear_cache()
         self.closure.begin_step(step)
 
+    def revise_step(self) -> bool:
+        """After the step's Newton solve converged (collective): the closure's revision;
+        True when the step must be solved again (the cache is emptied then)."""
+        revised = self.closure.revise_step()
+        if revised:
+            self.clear_cache()
+        return revised
+
     def end_step(self) -> Any:
         """Close the step (collective); returns the closure's StepStats."""
         return self.closure.end_step()
+
+    def abort_step(self) -> None:
+        """Close a failed step (collective), see :meth:`Closure.abort_step`."""
+        self.clear_cache()
+        self.closure.abort_step()
 
     def clear_cache(self) -> None:
         """Forget the last answer: the next request calls the closure."""

@@ -263,12 +263,18 @@ class _FE2Problem:
         # Dirichlet value into one element layer (spurious gradients at the edge).
         t0 = time.perf_counter()
         iterations, revisions = 0, 0
-        while True:
-            residuals, reason, failure = self._newton()
-            iterations += self.problem.solver.getIterationNumber()
-            if reason <= 0 or revisions == self.max_revisions or not self.closure.revise_step():
-                break
-            revisions += 1
+        try:
+            while True:
+                residuals, reason, failure = self._newton()
+                iterations += self.problem.solver.getIterationNumber()
+                if reason <= 0 or revisions == self.max_revisions:
+                    break
+                if not self.closure.revise_step():
+                    break
+                revisions += 1
+        except BaseException:
+            self.closure.abort_step()  # the step failed: the next one starts afresh
+            raise
         seconds = time.perf_counter() - t0
         stats = self.closure.end_step()
         report = NewtonReport(
