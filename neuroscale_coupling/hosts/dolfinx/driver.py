@@ -3,8 +3,10 @@
 The driver walks a list of step values (times for transient heat conduction, load
 factors for quasi-static mechanics), lets the problem prepare each step, runs its macro
 Newton solve (each residual evaluation calls the closure at every quadrature point),
-writes the fields and records what every step cost. All calls are collective over the
-mesh communicator; rank 0 writes the summary and shows progress.
+writes the fields and records what every step cost through the host-independent
+:class:`~neuroscale_coupling.closure.run_record.RunRecorder` (summary, point maps,
+progress). All calls are collective over the mesh communicator; rank 0 writes the summary
+and shows progress.
 
 Outputs in ``output_dir``:
 
@@ -22,27 +24,22 @@ Outputs in ``output_dir``:
   surrogate's predicted standard deviation at the last step).
 """
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-from mpi4py import MPI
 
 import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFINx wheel)
 
 # isort: split
 from dolfinx import fem, io
 
-from neuroscale_coupling.closure.contract import FALLBACK_REASONS
-from neuroscale_coupling.closure.point_maps import write_point_maps
+from neuroscale_coupling.closure.contract import StepStats
+from neuroscale_coupling.closure.run_record import RunRecorder
 from neuroscale_coupling.hosts.dolfinx.problems import (
     MechanicalFE2Problem,
     NewtonReport,
     ThermalFE2Problem,
 )
-from neuroscale_coupling.io import write_json_atomic
 from neuroscale_coupling.log import get_logger
 
 __all__ = ["TwoScaleDriver"]
@@ -75,13 +72,11 @@ class TwoScaleDriver:
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.prepare = prepare
         self.after_step = after_step
-        self.observations: list[dict[str, Any]] = []
         self.progress = progress
         self.metadata = dict(metadata or {})
         self.reports: list[NewtonReport] = []
         self.values: list[float] = []
         self._cell_fields = self._make_cell_fields()
-        self._fallback_steps = np.zeros(problem.closure.n_local, dtype=np.int64)
         self.maps: dict[str, str] = {}
 
     def _make_cell_fields(self) -> dict[str, Any]:
@@ -125,18 +120,18 @@ class TwoScaleDriver:
     def run(self, values: Sequence[float]) -> dict[str, Any]:
         """Solve every step (collective); returns the run summary (also written)."""
         xdmf = None
+        recorder = RunRecorder(
+            self.problem.closure,
+            self.problem.quadrature.coordinates,
+            comm=self.comm,
+            output_dir=self.output_dir,
+            progress=self.progress,
+            total_steps=len(values),
+            metadata=self.metadata,
+        )
         if self.output_dir is not None:
-            if self.comm.rank == 0:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.comm.barrier()
             xdmf = io.XDMFFile(self.comm, str(self.output_dir / "fields.xdmf"), "w")
             xdmf.write_mesh(self.problem.quadrature.msh)
-        bar = None
-        if self.progress and self.comm.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(values), desc="FE² steps", unit="step")
-        t_start = time.perf_counter()
         try:
             for k, value in enumerate(values):
                 if self.prepare is not None:
@@ -146,9 +141,7 @@ class TwoScaleDriver:
                 self._finish_problem()
                 self.reports.append(report)
                 self.values.append(float(value))
-                self.observations.append(
-                    self.after_step(k, float(value)) if self.after_step is not None else {}
-                )
+                observed = self.after_step(k, float(value)) if self.after_step is not None else {}
                 log.info(
                     "step %d (value %.4g): %d Newton iterations, closure %.3f s, host %.3f s",
                     k, value, report.iterations, report.seconds_closure, report.seconds_host,
@@ -158,45 +151,15 @@ class TwoScaleDriver:
                     xdmf.write_function(self._output_field(), float(value))
                     for fn in self._cell_fields.values():
                         xdmf.write_function(fn, float(value))
-                maps = self.problem.closure.point_maps()
-                if "fallback" in maps:
-                    self._fallback_steps += maps["fallback"] > 0
-                if bar is not None:
-                    bar.set_postfix(
-                        newton=report.iterations, closure_s=f"{report.seconds_closure:.2f}"
-                    )
-                    bar.update()
-                if self.output_dir is not None:
-                    self._write_summary(time.perf_counter() - t_start)
+                figures = {**vars(report), "observed_orders": report.observed_orders()}
+                stats = figures.pop("closure_stats")
+                recorder.record(StepStats(**stats), {"value": float(value), **figures, **observed})
         finally:
-            if bar is not None:
-                bar.close()
             if xdmf is not None:
                 xdmf.close()
-        seconds_total = time.perf_counter() - t_start
-        t0 = time.perf_counter()
-        self._write_maps()
-        summary = self.summary(seconds_total)
-        summary["seconds_maps"] = self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-        if self.output_dir is not None and self.comm.rank == 0:
-            write_json_atomic(self.output_dir / "summary.json", summary)
+        summary = recorder.close()
+        self.maps = recorder.maps
         return summary
-
-    def _write_maps(self) -> None:
-        """Point maps of the closure at the last step (collective; rank 0 draws)."""
-        maps = self.problem.closure.point_maps()
-        if self.output_dir is None or not maps:
-            return
-        if "fallback" in maps:
-            maps["fallback_steps"] = self._fallback_steps
-        self.maps = write_point_maps(
-            self.comm,
-            self.problem.quadrature.coordinates,
-            maps,
-            self.output_dir,
-            title=f"step {len(self.values) - 1}",
-            categories={"fallback": FALLBACK_REASONS},
-        )
 
     def _prepare_problem(self, k: int, value: float) -> None:
         p = self.problem
@@ -215,42 +178,3 @@ class TwoScaleDriver:
     def _finish_problem(self) -> None:
         if isinstance(self.problem, ThermalFE2Problem):
             self.problem.advance()
-
-    def summary(self, seconds_total: float) -> dict[str, Any]:
-        """The run summary: configuration, per-step reports and totals."""
-        steps = [
-            {"value": v, **vars(r), "observed_orders": r.observed_orders(), **obs}
-            for v, r, obs in zip(self.values, self.reports, self.observations, strict=True)
-        ]
-        closure_s = sum(r.seconds_closure for r in self.reports)
-        host_s = sum(r.seconds_host for r in self.reports)
-        stats = [r.closure_stats for r in self.reports]
-        fallbacks: dict[str, int] = {}
-        for st in stats:
-            for reason, count in st.get("fallbacks", {}).items():
-                fallbacks[reason] = fallbacks.get(reason, 0) + count
-        point_steps = sum(st.get("points", 0) for st in stats)
-        return {
-            **self.metadata,
-            "ranks": self.comm.size,
-            "points": self.problem.closure.n_global,
-            "steps": steps,
-            "newton_iterations": sum(r.iterations for r in self.reports),
-            "closure_calls": sum(r.closure_calls for r in self.reports),
-            "revisions": sum(r.revisions for r in self.reports),
-            "fallbacks": fallbacks,
-            "fallback_fraction": sum(fallbacks.values()) / point_steps if point_steps else 0.0,
-            "exact_solves": sum(st.get("exact_solves", 0) for st in stats),
-            "max_std": max((st.get("max_std", 0.0) for st in stats), default=0.0),
-            "seconds_closure": closure_s,
-            "seconds_surrogate": sum(st.get("seconds_surrogate", 0.0) for st in stats),
-            "seconds_fine": sum(st.get("seconds_fine", 0.0) for st in stats),
-            "seconds_host": host_s,
-            "seconds_total": seconds_total,
-            "maps": self.maps,
-        }
-
-    def _write_summary(self, seconds_total: float) -> None:
-        record = self.summary(seconds_total)
-        if self.comm.rank == 0 and self.output_dir is not None:
-            write_json_atomic(self.output_dir / "summary.json", record)

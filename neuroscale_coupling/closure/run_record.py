@@ -1,0 +1,185 @@
+"""The record of a coupled run, for any host that gives its points' coordinates.
+
+A host makes one :class:`RunRecorder` for its closure and calls :meth:`RunRecorder.record`
+after every step with the step's :class:`~neuroscale_coupling.closure.contract.StepStats`
+(what ``closure.end_step()`` returned) and its own figures of the step, then
+:meth:`RunRecorder.close` after the last step::
+
+    recorder = RunRecorder(closure, coordinates, comm=comm, output_dir="out", total_steps=n)
+    for k in range(n):
+        closure.begin_step(k)
+        ...                                     # the host's Newton solve
+        stats = closure.end_step()
+        recorder.record(stats, {"value": t_k, "iterations": its, "seconds_host": s})
+    summary = recorder.close()
+
+What it keeps and writes (all calls collective; rank 0 writes, the ranks agree on the
+write's success before going on):
+
+* ``summary.json`` in ``output_dir`` (atomically, after every step): the host's metadata,
+  ``steps`` (per step the host's figures and ``closure_stats``) and run totals —
+  ``newton_iterations``, ``closure_calls``, ``revisions`` and ``seconds_closure`` /
+  ``seconds_host`` summed from the host's figures of those names when it gives them;
+  ``fallbacks`` by reason, ``fallback_fraction``, ``exact_solves``, ``max_std``,
+  ``seconds_surrogate`` and ``seconds_fine`` from the closure; ``seconds_total`` (wall time
+  of the steps with the records written per step) and, at close, ``seconds_maps``;
+* for closures that report per-point maps (the surrogate closure):
+  ``fallback.png`` (why each point fell back at the last step), ``fallback_steps.png``
+  (in how many steps it did) and ``predicted_std.png``
+  (:func:`~neuroscale_coupling.closure.point_maps.write_point_maps`);
+* a progress bar on rank 0 (tqdm) with the step's Newton iterations and closure seconds.
+"""
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from neuroscale_coupling.closure.contract import FALLBACK_REASONS, Closure, StepStats
+from neuroscale_coupling.closure.point_maps import write_point_maps
+from neuroscale_coupling.io import plain_values, write_json_atomic
+from neuroscale_coupling.parallel import collective_call
+
+__all__ = ["RunRecorder"]
+
+#: Host figures summed over the steps into run totals (when the host gives them).
+_HOST_TOTALS = {
+    "iterations": "newton_iterations",
+    "closure_calls": "closure_calls",
+    "revisions": "revisions",
+    "seconds_closure": "seconds_closure",
+    "seconds_host": "seconds_host",
+}
+
+
+class RunRecorder:
+    """Per-step records, run summary, point maps and progress of a run (see the module
+    docstring). closure: the run's closure; coordinates: (n_local, ≥ 2) positions of the
+    closure's local points, in its point order; output_dir: where the summary and maps go
+    (None: nothing written); total_steps: for the progress bar; metadata: plain entries
+    put at the top of the summary. Construction is collective."""
+
+    def __init__(
+        self,
+        closure: Closure,
+        coordinates: np.ndarray,
+        *,
+        comm: MPI.Comm,
+        output_dir: Path | str | None = None,
+        progress: bool = True,
+        total_steps: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        description: str = "FE² steps",
+    ) -> None:
+        xy = np.asarray(coordinates, dtype=float)
+        if xy.ndim != 2 or xy.shape[0] != closure.n_local or xy.shape[1] < 2:
+            raise ValueError(
+                f"coordinates have shape {xy.shape}; the closure has {closure.n_local} local "
+                "points: give (n_local, 2) or (n_local, 3) positions in its point order"
+            )
+        self.closure = closure
+        self.comm = comm
+        self.coordinates = xy
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.metadata = plain_values(dict(metadata or {}))
+        self.steps: list[dict[str, Any]] = []
+        self.maps: dict[str, str] = {}
+        self._fallback_steps = np.zeros(closure.n_local, dtype=np.int64)
+        self._t0 = time.perf_counter()
+        self._bar = None
+        if progress and comm.rank == 0:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, desc=description, unit="step")
+        if self.output_dir is not None:
+            out = self.output_dir
+            self._on_rank0(lambda: out.mkdir(parents=True, exist_ok=True), "output folder")
+
+    def _on_rank0(self, work: Callable[[], Any], what: str) -> Any:
+        """``work`` on rank 0 only, its success agreed by every rank (collective)."""
+        return collective_call(
+            self.comm, lambda: work() if self.comm.rank == 0 else None, f"run record: {what}"
+        )
+
+    def record(self, stats: StepStats, host: Mapping[str, Any] | None = None) -> None:
+        """Record a closed step (collective): ``stats`` as ``closure.end_step()`` returned
+        it, ``host`` the host's plain figures of the step (e.g. ``value``, ``iterations``,
+        ``residuals``, ``closure_calls``, ``seconds_closure``, ``seconds_host``)."""
+        figures = plain_values(dict(host or {}))
+        self.steps.append({**figures, "closure_stats": plain_values(stats.as_dict())})
+        maps = self.closure.point_maps()
+        if "fallback" in maps:
+            self._fallback_steps += maps["fallback"] > 0
+        if self._bar is not None:
+            postfix = {}
+            if "iterations" in figures:
+                postfix["newton"] = figures["iterations"]
+            if "seconds_closure" in figures:
+                postfix["closure_s"] = f"{figures['seconds_closure']:.2f}"
+            self._bar.set_postfix(postfix)
+            self._bar.update()
+        if self.output_dir is not None:
+            self._write_summary(self.summary(time.perf_counter() - self._t0))
+
+    def summary(self, seconds_total: float | None = None) -> dict[str, Any]:
+        """The run summary so far (the same on every rank; not collective)."""
+        stats = [s["closure_stats"] for s in self.steps]
+        fallbacks: dict[str, int] = {}
+        for st in stats:
+            for reason, count in st.get("fallbacks", {}).items():
+                fallbacks[reason] = fallbacks.get(reason, 0) + count
+        point_steps = sum(st.get("points", 0) for st in stats)
+        totals = {
+            total: sum(s[name] for s in self.steps if name in s)
+            for name, total in _HOST_TOTALS.items()
+        }
+        return {
+            **self.metadata,
+            "ranks": self.comm.size,
+            "points": self.closure.n_global,
+            "steps": self.steps,
+            **totals,
+            "fallbacks": fallbacks,
+            "fallback_fraction": sum(fallbacks.values()) / point_steps if point_steps else 0.0,
+            "exact_solves": sum(st.get("exact_solves", 0) for st in stats),
+            "max_std": max((st.get("max_std", 0.0) for st in stats), default=0.0),
+            "seconds_surrogate": sum(st.get("seconds_surrogate", 0.0) for st in stats),
+            "seconds_fine": sum(st.get("seconds_fine", 0.0) for st in stats),
+            "seconds_total": seconds_total,
+            "maps": self.maps,
+        }
+
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        path = self.output_dir / "summary.json"  # type: ignore[operator]
+        self._on_rank0(lambda: write_json_atomic(path, summary), "summary.json")
+
+    def close(self) -> dict[str, Any]:
+        """After the last step (collective): closes the progress bar, draws the point maps,
+        writes and returns the final summary."""
+        seconds_total = time.perf_counter() - self._t0
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        t0 = time.perf_counter()
+        maps = self.closure.point_maps()
+        if self.output_dir is not None and maps:
+            if "fallback" in maps:
+                maps["fallback_steps"] = self._fallback_steps
+            title = f"step {len(self.steps) - 1}"
+            self.maps = collective_call(
+                self.comm,
+                lambda: write_point_maps(
+                    self.comm, self.coordinates, maps, self.output_dir, title=title,
+                    categories={"fallback": FALLBACK_REASONS},
+                ),
+                "run record: point maps",
+            )  # fmt: skip
+            self.maps = self.comm.bcast(self.maps, root=0)
+        summary = self.summary(seconds_total)
+        summary["seconds_maps"] = self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+        if self.output_dir is not None:
+            self._write_summary(summary)
+        return summary
