@@ -43,6 +43,7 @@ from neuroscale_coupling.cell.microstructure import (
     phase_fractions,
 )
 from neuroscale_coupling.cell.state_layout import PHYSICS
+from neuroscale_coupling.fine import SOLVERS
 from neuroscale_coupling.log import configure, get_logger
 
 __all__ = ["main"]
@@ -322,7 +323,7 @@ def _parser() -> argparse.ArgumentParser:
         help="macro state, comma separated: thermal G1,G2,theta; mechanical "
         "E11,E22,E12 (tensor shear); repeat for several states",
     )
-    h.add_argument("--solver", choices=("fem", "spectral"), default="spectral")
+    h.add_argument("--solver", choices=SOLVERS, default="spectral")
     h.add_argument("--degree", type=int, default=1, help="FE degree (fem solver)")
     h.add_argument("--device", help="torch device for the spectral solver (cpu, cuda)")
     h.add_argument("--json", type=Path, help="write the results to this JSON file")

@@ -6,10 +6,11 @@ DatasetSpec`, MPI-parallel (pipeline step 4)::
     train, val, test = split(data, seed=0)           # by microstructure (data.split)
     data.save("thermal.pt"); Dataset.load("thermal.pt")
 
-* **States** come from a scrambled Sobol sequence (``scipy.stats.qmc``) seeded by the
-  spec's seed and scaled to the :class:`~neuroscale_coupling.data.domain.StateDomain`;
-  cell ``c`` gets the consecutive states ``[c k, (c + 1) k)`` of that sequence
-  (``k = states_per_cell``).
+* **States** come from :meth:`~neuroscale_coupling.data.spec.DatasetSpec.sample_states`
+  (scrambled Sobol sequences, ``scipy.stats.qmc``, over the
+  :class:`~neuroscale_coupling.data.domain.StateDomain` and, for a share, over its inner
+  box, in random order), seeded by the spec's seed; cell ``c`` gets the rows
+  ``[c k, (c + 1) k)`` (``k = states_per_cell``).
 * **Cells** come from the spec's :class:`~neuroscale_coupling.cell.family.CellFamily`,
   drawn from a second scrambled Sobol sequence.
 * The cells are block-distributed over the ranks, every rank gets the whole dataset

@@ -18,6 +18,7 @@ from neuroscale_coupling.cell.materials import (
 )
 from neuroscale_coupling.checks import check_count
 from neuroscale_coupling.data.domain import StateDomain
+from neuroscale_coupling.fine import SOLVERS
 from neuroscale_coupling.io import plain_values
 
 __all__ = ["DatasetSpec"]
@@ -86,8 +87,8 @@ class DatasetSpec:
         check_count("n_cells", self.n_cells)
         check_count("states_per_cell", self.states_per_cell)
         check_count("seed", self.seed, 0)
-        if self.solver not in ("fem", "spectral"):
-            raise ValueError(f"solver={self.solver!r}: choose 'fem' or 'spectral'")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver={self.solver!r}: choose one of {', '.join(SOLVERS)}")
         opts = tuple(sorted(dict(self.solver_options).items()))
         plain_values(dict(opts))  # raises TypeError for values that cannot be stored
         object.__setattr__(self, "solver_options", opts)

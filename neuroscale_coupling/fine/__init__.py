@@ -6,7 +6,10 @@
 
 from neuroscale_coupling.fine.protocol import FineSolveError, FineSolver, Homogenized
 
-__all__ = ["FineSolveError", "FineSolver", "Homogenized", "make_solver"]
+__all__ = ["SOLVERS", "FineSolveError", "FineSolver", "Homogenized", "make_solver"]
+
+#: The names of the fine solvers :func:`make_solver` builds.
+SOLVERS = ("fem", "spectral")
 
 
 def make_solver(name: str, material: object, **options: object) -> FineSolver:
@@ -19,4 +22,4 @@ def make_solver(name: str, material: object, **options: object) -> FineSolver:
         from neuroscale_coupling.fine.spectral import SpectralSolver
 
         return SpectralSolver(material, **options)  # type: ignore[arg-type]
-    raise ValueError(f"unknown fine solver {name!r}: choose 'fem' or 'spectral'")
+    raise ValueError(f"unknown fine solver {name!r}: choose one of {', '.join(SOLVERS)}")

@@ -23,8 +23,9 @@ those of the unmasked output weights (the limit M → ∞ of the sample mean; wi
 fixed masks the sample mean itself was 2.8 % off on the thermal test split, the exact
 mean 2.1 %), and the M samples give the spread. In training the mean of M fresh relaxed
 masks is used, an unbiased estimate of it. Returned: mean response, its tangent, and
-per-component calibrated std √((std_scale · spread)² + (std_floor · τ(z))² + (family_gain ·
-e · ‖response‖)²). The three terms are:
+per-component calibrated std √((κ · √((std_scale · spread)² + (std_floor · τ(z))²))² +
+(family_gain · e · ‖response‖)²), κ the std factor of the cell's symmetry class and
+component (below). The three terms are:
 - the spread of the M samples, scaled;
 - a cell-level error scale τ(z) = exp(error_bias + error_weight z) from the latent, times
   a floor. The errors are mostly per cell, and the dropout spread does not see them

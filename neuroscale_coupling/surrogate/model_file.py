@@ -389,7 +389,7 @@ class Surrogate:
         cells = self.encode(uniq)
         parts = [
             self.decode(cells, st[lo : lo + chunk], inv[lo : lo + chunk])
-            for lo in range(0, st.shape[0], chunk)
+            for lo in range(0, max(st.shape[0], 1), chunk)
         ]
         response, tangent, std = (np.concatenate([q[k] for q in parts]) for k in range(3))
         if level is None:

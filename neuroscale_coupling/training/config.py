@@ -145,8 +145,8 @@ class TrainingOptions:
     adaptive_momentum; physics_fraction: share of each batch that gets an equivariance
     pair; patience: early-stopping epochs without validation improvement (0 = off);
     seed; device "cpu" | "cuda" | "auto"; dtype "float32" | "float64"; augment: random
-    D4 transform per sample; calibrate: fit the cell error head (training split) and the
-    std calibration (validation split);
+    D4 transform per sample; calibrate: fit the cell error head (cross-fitted over folds of
+    the validation split's distinct images) and the std calibration (validation split);
     progress: tqdm bar (rank 0).
     """
 

@@ -11,7 +11,10 @@ and what they share: the parameter record of one phase (a frozen dataclass, ``ph
 the parameter that sets a phase's stiffness scale (``stiffness``: the model's image input
 maps each phase to its log), and ``check``, the per-point reasons why a cell problem with
 these phases is ill-posed at a macro state. A new law is one module defining a phase
-dataclass and a subclass of :class:`ThermalLaw` or :class:`MechanicalLaw`.
+dataclass and a subclass of :class:`ThermalLaw` or :class:`MechanicalLaw`; a material
+names its law (:class:`~neuroscale_coupling.cell.materials.Material`). Material records
+in datasets and model files name the physics, not the law: one law per physics is
+recorded today.
 
 torch and UFL are imported inside the forms, so that the laws load without either.
 """

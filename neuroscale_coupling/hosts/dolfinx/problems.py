@@ -276,6 +276,13 @@ class _FE2Problem:
             self.closure.abort_step()  # the step failed: the next one starts afresh
             raise
         seconds = time.perf_counter() - t0
+        if reason <= 0:  # the step failed: closed unrecorded, the next one starts afresh
+            self.closure.abort_step()
+            detail = failure or f"SNES reason {reason}, residuals {residuals[-3:]}"
+            raise RuntimeError(
+                f"macro Newton did not converge in step {self._step} ({detail}): reduce the "
+                "load/time step, raise snes_max_it, or see the closure error above"
+            )
         stats = self.closure.end_step()
         report = NewtonReport(
             iterations=iterations,
@@ -287,12 +294,6 @@ class _FE2Problem:
             closure_stats=stats.as_dict(),
             revisions=revisions,
         )
-        if reason <= 0:
-            detail = failure or f"SNES reason {reason}, residuals {residuals[-3:]}"
-            raise RuntimeError(
-                f"macro Newton did not converge in step {self._step} ({detail}): reduce the "
-                "load/time step, raise snes_max_it, or see the closure error above"
-            )
         self._step += 1
         return report
 
