@@ -240,3 +240,31 @@ def test_bad_input_is_refused(tiny, comm):
         )
     with pytest.raises(ValueError, match="std_rel"):
         FallbackPolicy(std_rel=-1.0)
+
+
+def test_petsc_vec_states_in_and_out_without_warnings(tiny, comm):
+    """A host on petsc4py passes its states as a Vec and takes the answer into Vecs: the
+    same numbers as with arrays, and no warning (a read-only Vec view once made torch
+    warn)."""
+    import warnings
+
+    from mpi4py import MPI as _MPI  # petsc4py needs the MPI library loaded first
+
+    PETSc = pytest.importorskip("petsc4py.PETSc")
+    sur, data = tiny
+    cells, states = _points(data, 10, seed=2)
+    mine, local = _local(comm, cells), _local(comm, states)
+    closure = SurrogateClosure(sur, FESolver(sur.material), mine, comm=comm, policy=OFF)
+    ref = evaluate_step(closure, local, 0)
+    vec = PETSc.Vec().createWithArray(local.reshape(-1).copy(), comm=_MPI.COMM_SELF)
+    response = PETSc.Vec().createSeq(local.shape[0] * 2, comm=_MPI.COMM_SELF)
+    tangent = PETSc.Vec().createSeq(local.shape[0] * 6, comm=_MPI.COMM_SELF)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = evaluate_step(closure, vec, 1)
+        res.write_to(response=response, tangent=tangent)
+    np.testing.assert_array_equal(res.response, ref.response)
+    np.testing.assert_array_equal(response.getArray().reshape(-1, 2), ref.response)
+    np.testing.assert_array_equal(tangent.getArray().reshape(-1, 2, 3), ref.tangent)
+    with pytest.raises(ValueError, match="local entries"):
+        res.write_to(std=PETSc.Vec().createSeq(local.shape[0] * 2 + 1, comm=_MPI.COMM_SELF))
