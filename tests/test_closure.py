@@ -1,5 +1,7 @@
 """Closure contract and MPI redistribution (serial and mpiexec -n 2)."""
 
+import logging
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -136,13 +138,16 @@ def test_calls_out_of_order_name_the_missing_call(comm):
     assert [s.step for s in closure.history] == [0, 1] and closure.totals.steps == 2
 
 
-def test_history_is_a_window_and_totals_cover_the_run(comm):
+def test_history_is_a_window_and_totals_cover_the_run(comm, caplog):
     cells, states = _unbalanced_points(comm)
     closure = ExactClosure(MAT, SpectralSolver(MAT), cells, comm=comm, history_window=3)
-    for k in range(5):
-        closure.begin_step(k)
-        closure.evaluate(states)
-        closure.end_step()
+    with caplog.at_level(logging.INFO, logger="neuroscale_coupling"):
+        for k in range(5):
+            closure.begin_step(k)
+            closure.evaluate(states)
+            closure.end_step()
+    logged = [r.getMessage() for r in caplog.records if "fallback fraction" in r.getMessage()]
+    assert len(logged) == (5 if comm.rank == 0 else 0), logged  # rank 0 logs each step
     assert [s.step for s in closure.history] == [2, 3, 4]
     assert closure.totals.steps == 5 and closure.totals.evaluations == 5
     assert closure.totals.point_steps == 5 * closure.n_global
