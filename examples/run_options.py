@@ -1,5 +1,9 @@
 """Command-line options shared by the FE² drivers (examples, benchmarks): which closure,
 which model, the fallback tolerance, online enrichment, and the exact-micro reference run.
+
+Importing this module imports no host: :func:`solve_and_compare` compares the runs with
+the DOLFINx host's ``compare_runs`` (imported when first needed) unless the caller passes
+its host's own ``compare`` (the PETSc finite-volume example does).
 """
 
 import argparse
@@ -13,7 +17,6 @@ from mpi4py import MPI
 from neuroscale_coupling.cell.materials import material_to_dict
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions
 from neuroscale_coupling.closure.fallback import FallbackPolicy
-from neuroscale_coupling.hosts.dolfinx.comparison import compare_runs
 from neuroscale_coupling.models import shipped_model_path
 from neuroscale_coupling.surrogate.model_file import Surrogate
 
@@ -98,6 +101,7 @@ def solve_and_compare(
     surrogate: Surrogate | None,
     policy: FallbackPolicy,
     enrichment: EnrichmentOptions | None,
+    compare: Callable[[Any, list[Any], Any, list[Any]], dict[str, Any]] | None = None,
 ) -> tuple[Any, dict[str, Any], list[Any], dict[str, Any] | None]:
     """Build an example's FE² problem and drive it through ``values`` (collective).
 
@@ -108,7 +112,9 @@ def solve_and_compare(
     ``args.output``/reference) and the summary gains its ``reference`` record. The time of
     building each problem (closure set-up: latents, family ratios, cell meshes) is its
     ``seconds_setup`` and counts in the speed-up. Returns (problem, summary, fields per
-    step, the reference's summary or None).
+    step, the reference's summary or None). ``compare(problem, history, reference,
+    ref_history)`` measures the differences of the two runs (default: the DOLFINx host's
+    ``compare_runs``).
     """
 
     def timed_build(**kwargs: Any) -> tuple[Any, float]:
@@ -127,7 +133,9 @@ def solve_and_compare(
         {**vars(args), "closure": "exact"},
     )  # fmt: skip
     ref_summary["seconds_setup"] = ref_setup
+    if compare is None:
+        from neuroscale_coupling.hosts.dolfinx.comparison import compare_runs as compare
     summary["reference"] = reference_record(
-        summary, ref_summary, compare_runs(problem, history, reference, ref_history)
+        summary, ref_summary, compare(problem, history, reference, ref_history)
     )
     return problem, summary, history, ref_summary
