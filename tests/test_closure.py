@@ -152,3 +152,21 @@ def test_history_is_a_window_and_totals_cover_the_run(comm, caplog):
     assert closure.totals.steps == 5 and closure.totals.evaluations == 5
     assert closure.totals.point_steps == 5 * closure.n_global
     assert closure.totals.exact_solves == 5 * closure.n_global
+
+
+@pytest.mark.timeout(60)
+def test_cell_of_failing_on_one_rank_raises_everywhere(comm):
+    """A user's cell_of that fails on the last rank only: every rank raises (no rank waits
+    in the closure's collectives); a bad stack on one rank likewise."""
+
+    def cell_of(x):
+        if comm.rank == comm.size - 1:
+            raise ValueError("no cell for this point")
+        return np.stack([circular_inclusion(8, 0.3)] * x.shape[0])
+
+    coords = np.random.default_rng(comm.rank).random((3, 2))
+    with pytest.raises((ValueError, RuntimeError), match=r"no cell|failed on another rank"):
+        ExactClosure.from_coordinates(MAT, SpectralSolver(MAT), coords, cell_of, comm=comm)
+    bad = np.zeros((3, 8)) if comm.rank == 0 else np.zeros((3, 8, 8), dtype=int)
+    with pytest.raises((ValueError, RuntimeError), match=r"stack|failed on another rank"):
+        ExactClosure(MAT, SpectralSolver(MAT), bad, comm=comm)

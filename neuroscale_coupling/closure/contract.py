@@ -13,6 +13,7 @@ ExactClosure` and :class:`~neuroscale_coupling.closure.surrogate_closure.Surroga
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ __all__ = [
     "RunTotals",
     "StepStats",
     "as_states",
+    "cell_stack",
+    "cells_of_points",
 ]
 
 
@@ -161,6 +164,29 @@ def as_states(states: Any, state_dim: int) -> np.ndarray:
         )
     s = np.ascontiguousarray(s, dtype=np.float64)
     return s if s.flags.writeable else s.copy()
+
+
+def cell_stack(comm: MPI.Comm, cells: Any) -> np.ndarray:
+    """This rank's cells as an (n_local, n, n) array, checked on every rank together
+    (collective): a bad stack on one rank raises on all."""
+
+    def check() -> np.ndarray:
+        stack = np.asarray(cells)
+        if stack.ndim != 3:
+            raise ValueError(f"cells must be a stack (n_local, n, n); got shape {stack.shape}")
+        return stack
+
+    return collective_call(comm, check, "closure cells")
+
+
+def cells_of_points(
+    comm: MPI.Comm, cell_of: Callable[[np.ndarray], np.ndarray], coordinates: np.ndarray
+) -> np.ndarray:
+    """``cell_of(coordinates (n_local, 2)) -> (n_local, n, n)``, the user's function run on
+    every rank with its failure agreed by all (collective): graded materials, where the
+    cell varies with the point's position."""
+    coords = np.asarray(coordinates, dtype=np.float64).reshape(-1, 2)
+    return cell_stack(comm, collective_call(comm, lambda: cell_of(coords), "cell_of(coordinates)"))
 
 
 class Closure:

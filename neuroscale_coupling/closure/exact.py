@@ -8,9 +8,15 @@ import numpy as np
 from mpi4py import MPI
 
 from neuroscale_coupling.cell.materials import Material
-from neuroscale_coupling.closure.contract import HISTORY_WINDOW, Closure, ClosureResult
+from neuroscale_coupling.closure.contract import (
+    HISTORY_WINDOW,
+    Closure,
+    ClosureResult,
+    cell_stack,
+    cells_of_points,
+)
 from neuroscale_coupling.fine.protocol import FineSolver, broadcast_cells
-from neuroscale_coupling.parallel import BlockPlan, scatter
+from neuroscale_coupling.parallel import BlockPlan, collective_call, scatter
 
 __all__ = ["ExactClosure"]
 
@@ -31,16 +37,20 @@ class ExactClosure(Closure):
         comm: MPI.Comm,
         history_window: int = HISTORY_WINDOW,
     ) -> None:
-        cells = np.asarray(cells)
-        if cells.ndim != 3:
-            raise ValueError(f"cells must be a stack (n_local, n, n); got shape {cells.shape}")
+        cells = cell_stack(comm, cells)
         super().__init__(material, cells.shape[0], comm=comm, history_window=history_window)
         sizes = comm.allgather(cells.shape[1:] if cells.shape[0] else None)
         if len({s for s in sizes if s is not None}) > 1:
             raise ValueError(f"all cells must have one resolution; ranks hold {sizes}")
         self.solver = solver
         self.plan = BlockPlan.balanced(comm, self.n_local)
-        local = broadcast_cells(cells, self.n_local, material.n_phases) if self.n_local else cells
+        local = collective_call(
+            comm,
+            lambda: (
+                broadcast_cells(cells, self.n_local, material.n_phases) if self.n_local else cells
+            ),
+            "closure cells",
+        )
         self._work_cells = scatter(comm, self.plan, np.ascontiguousarray(local, dtype=np.int64))
 
     @classmethod
@@ -55,8 +65,7 @@ class ExactClosure(Closure):
     ) -> "ExactClosure":
         """Closure whose cells come from ``cell_of(coordinates (n_local, 2)) -> (n_local, n, n)``
         (graded materials: the cell varies with the point's position)."""
-        coords = np.asarray(coordinates, dtype=np.float64).reshape(-1, 2)
-        return cls(material, solver, np.asarray(cell_of(coords)), comm=comm)
+        return cls(material, solver, cells_of_points(comm, cell_of, coordinates), comm=comm)
 
     def _evaluate(self, states: np.ndarray) -> ClosureResult:
         response, tangent = self._balanced_solve(

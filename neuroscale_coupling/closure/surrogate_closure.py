@@ -41,6 +41,8 @@ from neuroscale_coupling.closure.contract import (
     Closure,
     ClosureResult,
     StepStats,
+    cell_stack,
+    cells_of_points,
 )
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions, OnlineEnrichment
 from neuroscale_coupling.closure.fallback import FallbackPolicy, fallback_reasons
@@ -78,9 +80,7 @@ class SurrogateClosure(Closure):
         history_window: int = HISTORY_WINDOW,
     ) -> None:
         material = surrogate.material
-        cells = np.asarray(cells)
-        if cells.ndim != 3:
-            raise ValueError(f"cells must be a stack (n_local, n, n); got shape {cells.shape}")
+        cells = cell_stack(comm, cells)
         super().__init__(material, cells.shape[0], comm=comm, history_window=history_window)
         if material_to_dict(solver.material) != material_to_dict(material):
             raise ValueError(
@@ -144,8 +144,7 @@ class SurrogateClosure(Closure):
     ) -> "SurrogateClosure":
         """Closure whose cells come from ``cell_of(coordinates (n_local, 2)) -> (n_local, n,
         n)`` (graded materials: the cell varies with the point's position)."""
-        coords = np.asarray(coordinates, dtype=np.float64).reshape(-1, 2)
-        cells = np.asarray(cell_of(coords))
+        cells = cells_of_points(comm, cell_of, coordinates)
         return cls(surrogate, solver, cells, comm=comm, policy=policy, enrichment=enrichment)
 
     # ------------------------------------------------------------------ surrogate
