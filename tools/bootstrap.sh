@@ -44,5 +44,9 @@ fi
 # fenics-dolfinx, which the DOLFINx wheel does not declare. Its version is the one
 # constraints.txt pins.
 .venv/bin/python -m pip install --quiet -c constraints.txt --no-deps dolfinx-external-operator
+# micro-manager-precice (the preCICE Micro Manager host) needs --no-deps too: it requires
+# pyprecice, which builds against preCICE's C++ library; its tests run it on a stand-in
+# precice module (tests/precice_stub). Its other requirements are in the dev extra.
+.venv/bin/python -m pip install --quiet -c constraints.txt --no-deps micro-manager-precice
 .venv/bin/python -c "import dolfinx_solver, dolfinx, torch, neuroscale_coupling; print('environment ready: neuroscale_coupling', neuroscale_coupling.__version__, '| DOLFINx', dolfinx.__version__, '| torch', torch.__version__)"
 touch .venv/.installed

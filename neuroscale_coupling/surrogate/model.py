@@ -81,10 +81,10 @@ from neuroscale_coupling.surrogate.decoders import StressDecoder, ThermalPotenti
 from neuroscale_coupling.surrogate.encoders import CNNEncoder, DescriptorEncoder, MultiScaleEncoder
 from neuroscale_coupling.surrogate.uncertainty import MCDropoutMasks
 
-__all__ = ["SANO", "SANOPrediction"]
+__all__ = ["SANO", "SANOPrediction", "symmetry_class"]
 
 
-def _symmetry_class(order: np.ndarray) -> np.ndarray:
+def symmetry_class(order: np.ndarray) -> np.ndarray:
     """Row (B,) of the class tables for symmetry orders (B,) in 1, 2, 4, 8."""
     o = np.asarray(order).reshape(-1)
     index = np.searchsorted(SYMMETRY_ORDERS, o)
@@ -269,7 +269,7 @@ class SANO(nn.Module):
 
     def class_factor(self, symmetry: Any) -> np.ndarray:
         """Std factors (B, r) of the symmetry classes of cells of symmetry orders (B,)."""
-        return self.class_std_factor.double().cpu().numpy()[_symmetry_class(symmetry)]
+        return self.class_std_factor.double().cpu().numpy()[symmetry_class(symmetry)]
 
     def interval_multipliers(self, p: float | Sequence[float], symmetry: Any = None) -> np.ndarray:
         """k_p for levels p in (0, 1): the calibrated central interval is ±k_p·std
@@ -278,7 +278,7 @@ class SANO(nn.Module):
         tables (the std of :meth:`decode` given the same orders)."""
         if symmetry is None:
             return interval_multipliers(p, self.interval_table.double().cpu().numpy())
-        rows = _symmetry_class(np.asarray(symmetry))
+        rows = symmetry_class(np.asarray(symmetry))
         table = self.class_interval_table.double().cpu().numpy()
         per_class = np.stack([interval_multipliers(p, t) for t in table], axis=1)  # (L, 4)
         return per_class[:, rows]
@@ -465,7 +465,7 @@ class SANO(nn.Module):
                 )
         factor = None
         if symmetry is not None:
-            cls = _symmetry_class(np.asarray(symmetry))
+            cls = symmetry_class(np.asarray(symmetry))
             if cls.shape[0] != latent.shape[0]:
                 raise ValueError(
                     f"symmetry has {cls.shape[0]} orders for {latent.shape[0]} latent rows"

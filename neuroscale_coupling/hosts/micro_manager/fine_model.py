@@ -1,0 +1,13 @@
+"""The fine (FE) micro model as a Micro Manager micro file: name this module in
+``micro_manager.micro_file_names`` (``"neuroscale_coupling.hosts.micro_manager.fine_model"``,
+first: the highest fidelity) with its ``micro_stateless_flags`` entry true. The Micro
+Manager loads ``MicroSimulation``."""
+
+from neuroscale_coupling.hosts.micro_manager.simulations import (
+    FineMicroSimulation,
+    micro_manager_class,
+)
+
+MicroSimulation = micro_manager_class(FineMicroSimulation)
+
+__all__ = ["MicroSimulation"]
