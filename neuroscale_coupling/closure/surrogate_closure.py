@@ -203,12 +203,11 @@ class SurrogateClosure(Closure):
                 box = self.surrogate.domain
                 log.warning(
                     "step %d: %d of %d points (%.0f %%) have states outside the trained "
-                    "domain %s in [%s, %s] (theirs: [%s, %s]): are the host's states in the "
-                    "model's units and order (%s)? They are solved exactly; train on a domain "
-                    "that covers the run, or relax FallbackPolicy.domain_tol",
-                    step, total[domain], self.n_global, 100 * share[domain], box.names,
-                    _fmt(box.lower), _fmt(box.upper), _fmt(lo), _fmt(hi),
-                    ", ".join(self.material.state_names),
+                    "domain %s (theirs: %s): are the host's states in the model's units and "
+                    "order? They are solved exactly; train on a domain that covers the run, "
+                    "or relax FallbackPolicy.domain_tol",
+                    step, total[domain], self.n_global, 100 * share[domain],
+                    _ranges(box.names, box.lower, box.upper), _ranges(box.names, lo, hi),
                 )  # fmt: skip
         family = FALLBACK_REASONS.index("family")
         if share[family] > self.policy.warn_fraction:
@@ -288,5 +287,9 @@ class SurrogateClosure(Closure):
                 stats.enrichment = info
 
 
-def _fmt(values: Any) -> str:
-    return ", ".join(f"{float(v):.4g}" for v in np.asarray(values).reshape(-1))
+def _ranges(names: Any, lower: Any, upper: Any) -> str:
+    """``G1 ∈ [-2, 2], …`` of per-component bounds."""
+    return ", ".join(
+        f"{n} ∈ [{float(lo):.4g}, {float(hi):.4g}]"
+        for n, lo, hi in zip(names, lower, upper, strict=True)
+    )
