@@ -66,9 +66,9 @@ from neuroscale_coupling.closure.contract import Closure
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions
 from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.closure.fallback import FallbackPolicy
+from neuroscale_coupling.closure.run_record import format_summary
 from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
 from neuroscale_coupling.fine import make_solver
-from neuroscale_coupling.hosts.dolfinx.comparison import format_summary
 from neuroscale_coupling.hosts.dolfinx.dns import MechanicalDNS
 from neuroscale_coupling.hosts.dolfinx.driver import TwoScaleDriver
 from neuroscale_coupling.hosts.dolfinx.problems import MacroQuadrature, MechanicalFE2Problem

@@ -41,43 +41,21 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401
 # isort: split
 import ufl
 from dolfinx import fem, mesh
+from graded_plate import LENGTH, MATERIAL, graded_cells
 from run_options import add_closure_arguments, closure_settings, solve_and_compare
 
-from neuroscale_coupling.cell.laws import ThermalPhase
-from neuroscale_coupling.cell.materials import ThermalMaterial
-from neuroscale_coupling.cell.microstructure import circular_inclusion
 from neuroscale_coupling.closure.contract import Closure
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions
 from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.closure.fallback import FallbackPolicy
+from neuroscale_coupling.closure.run_record import format_summary
 from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
 from neuroscale_coupling.fine import make_solver
-from neuroscale_coupling.hosts.dolfinx.comparison import format_summary
 from neuroscale_coupling.hosts.dolfinx.dns import ThermalDNS
 from neuroscale_coupling.hosts.dolfinx.driver import TwoScaleDriver
 from neuroscale_coupling.hosts.dolfinx.problems import MacroQuadrature, ThermalFE2Problem
 from neuroscale_coupling.io import write_json_atomic
 from neuroscale_coupling.surrogate.model_file import Surrogate
-
-MATERIAL = ThermalMaterial(phases=(ThermalPhase(1.0, 0.5, 0.2), ThermalPhase(10.0, 0.2, 0.05)))
-LENGTH = 2.0
-
-
-def inclusion_fraction(x1: np.ndarray) -> np.ndarray:
-    """Graded inclusion volume fraction: 0.1 at x1 = 0 to 0.5 at x1 = LENGTH."""
-    return 0.1 + 0.4 * np.clip(x1 / LENGTH, 0.0, 1.0)
-
-
-def graded_cells(n: int) -> Any:
-    """cell_of(coordinates (m, 2)) -> images (m, n, n) of the graded plate."""
-
-    def cell_of(coordinates: np.ndarray) -> np.ndarray:
-        fractions = inclusion_fraction(coordinates[:, 0])
-        unique, inverse = np.unique(np.round(fractions, 6), return_inverse=True)
-        images = np.stack([circular_inclusion(n, f) for f in unique]) if unique.size else None
-        return images[inverse] if images is not None else np.zeros((0, n, n), dtype=np.int64)
-
-    return cell_of
 
 
 def plate(comm: MPI.Comm, n: int) -> Any:

@@ -31,11 +31,9 @@ import numpy as np
 from mpi4py import MPI
 
 # isort: split
+from graded_plate import LENGTH, MATERIAL, graded_cells
 from run_options import add_closure_arguments, closure_settings, solve_and_compare
 
-from neuroscale_coupling.cell.laws import ThermalPhase
-from neuroscale_coupling.cell.materials import ThermalMaterial
-from neuroscale_coupling.cell.microstructure import circular_inclusion
 from neuroscale_coupling.closure.contract import Closure
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions
 from neuroscale_coupling.closure.exact import ExactClosure
@@ -50,29 +48,6 @@ from neuroscale_coupling.hosts.petsc_fv import (
 )
 from neuroscale_coupling.io import write_json_atomic
 from neuroscale_coupling.surrogate.model_file import Surrogate
-
-# The main job's material and geometry (examples/fe2_thermal.py; not imported from there,
-# which would import DOLFINx).
-MATERIAL = ThermalMaterial(phases=(ThermalPhase(1.0, 0.5, 0.2), ThermalPhase(10.0, 0.2, 0.05)))
-LENGTH = 2.0
-
-
-def inclusion_fraction(x1: np.ndarray) -> np.ndarray:
-    """Graded inclusion volume fraction: 0.1 at x1 = 0 to 0.5 at x1 = LENGTH."""
-    return 0.1 + 0.4 * np.clip(x1 / LENGTH, 0.0, 1.0)
-
-
-def graded_cells(n: int) -> Any:
-    """cell_of(coordinates (m, 2)) -> images (m, n, n) of the graded plate."""
-
-    def cell_of(coordinates: np.ndarray) -> np.ndarray:
-        fractions = inclusion_fraction(coordinates[:, 0])
-        unique, inverse = np.unique(np.round(fractions, 6), return_inverse=True)
-        if unique.size == 0:
-            return np.zeros((0, n, n), dtype=np.int64)
-        return np.stack([circular_inclusion(n, f) for f in unique])[inverse]
-
-    return cell_of
 
 
 def plate(comm: MPI.Comm, n: int) -> FVGrid:

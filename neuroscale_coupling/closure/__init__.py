@@ -20,8 +20,6 @@ torch nor DOLFINx; ``SurrogateClosure`` and ``EnrichmentOptions`` load torch whe
 used.
 """
 
-from typing import Any
-
 from neuroscale_coupling.closure.contract import (
     FALLBACK_REASONS,
     Closure,
@@ -30,6 +28,7 @@ from neuroscale_coupling.closure.contract import (
 )
 from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.closure.fallback import FallbackPolicy
+from neuroscale_coupling.lazy import lazy_attributes
 
 __all__ = [
     "FALLBACK_REASONS",
@@ -47,10 +46,4 @@ _LAZY = {
     "EnrichmentOptions": "neuroscale_coupling.closure.enrichment",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

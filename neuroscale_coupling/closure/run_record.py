@@ -32,18 +32,19 @@ write's success before going on):
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-from neuroscale_coupling.closure.contract import FALLBACK_REASONS, Closure, StepStats
+from neuroscale_coupling.closure.contract import FALLBACK_REASONS, Closure, RunTotals, StepStats
 from neuroscale_coupling.closure.point_maps import write_point_maps
 from neuroscale_coupling.io import plain_values, write_json_atomic
 from neuroscale_coupling.parallel import collective_call
 
-__all__ = ["RunRecorder"]
+__all__ = ["NewtonReport", "RunRecorder", "format_summary"]
 
 #: Host figures summed over the steps into run totals (when the host gives them).
 _HOST_TOTALS = {
@@ -53,6 +54,40 @@ _HOST_TOTALS = {
     "seconds_closure": "seconds_closure",
     "seconds_host": "seconds_host",
 }
+
+
+@dataclass
+class NewtonReport:
+    """A host's figures of one step, as the hosts of this package report them: Newton
+    iterations (all solves of the step), ‖F‖ per iteration of the last solve, the solver's
+    converged reason (agreed by all ranks), closure calls, seconds in the closure vs the
+    host (slowest rank), the closure's step statistics (``StepStats.as_dict()``) and
+    revisions (solves repeated because the closure changed its decisions)."""
+
+    iterations: int
+    residuals: list[float]
+    converged_reason: int
+    closure_calls: int
+    seconds_closure: float
+    seconds_host: float
+    closure_stats: dict[str, Any] = field(default_factory=dict)
+    revisions: int = 0
+
+    def observed_orders(self) -> list[float]:
+        """Convergence orders log(r_{k+1}/r_k) / log(r_k/r_{k-1}) along the history."""
+        r = np.asarray(self.residuals)
+        r = r[r > 0]
+        if r.size < 3:
+            return []
+        lr = np.log(r)
+        return list((lr[2:] - lr[1:-1]) / (lr[1:-1] - lr[:-2]))
+
+    def figures(self) -> tuple[StepStats, dict[str, Any]]:
+        """(the closure's StepStats, the host's plain figures with the observed orders):
+        the two arguments of :meth:`RunRecorder.record`."""
+        figures = {k: v for k, v in vars(self).items() if k != "closure_stats"}
+        figures["observed_orders"] = self.observed_orders()
+        return StepStats(**self.closure_stats), figures
 
 
 class RunRecorder:
@@ -86,6 +121,8 @@ class RunRecorder:
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.metadata = plain_values(dict(metadata or {}))
         self.steps: list[dict[str, Any]] = []
+        #: The recorded steps' closure statistics, summed.
+        self.totals = RunTotals()
         self.maps: dict[str, str] = {}
         self._fallback_steps = np.zeros(closure.n_local, dtype=np.int64)
         self._t0 = time.perf_counter()
@@ -110,6 +147,7 @@ class RunRecorder:
         ``residuals``, ``closure_calls``, ``seconds_closure``, ``seconds_host``)."""
         figures = plain_values(dict(host or {}))
         self.steps.append({**figures, "closure_stats": plain_values(stats.as_dict())})
+        self.totals.add(stats)
         maps = self.closure.point_maps()
         if "fallback" in maps:
             self._fallback_steps += maps["fallback"] > 0
@@ -126,28 +164,23 @@ class RunRecorder:
 
     def summary(self, seconds_total: float | None = None) -> dict[str, Any]:
         """The run summary so far (the same on every rank; not collective)."""
-        stats = [s["closure_stats"] for s in self.steps]
-        fallbacks: dict[str, int] = {}
-        for st in stats:
-            for reason, count in st.get("fallbacks", {}).items():
-                fallbacks[reason] = fallbacks.get(reason, 0) + count
-        point_steps = sum(st.get("points", 0) for st in stats)
         totals = {
             total: sum(s[name] for s in self.steps if name in s)
             for name, total in _HOST_TOTALS.items()
         }
+        run = self.totals
         return {
             **self.metadata,
             "ranks": self.comm.size,
             "points": self.closure.n_global,
             "steps": self.steps,
             **totals,
-            "fallbacks": fallbacks,
-            "fallback_fraction": sum(fallbacks.values()) / point_steps if point_steps else 0.0,
-            "exact_solves": sum(st.get("exact_solves", 0) for st in stats),
-            "max_std": max((st.get("max_std", 0.0) for st in stats), default=0.0),
-            "seconds_surrogate": sum(st.get("seconds_surrogate", 0.0) for st in stats),
-            "seconds_fine": sum(st.get("seconds_fine", 0.0) for st in stats),
+            "fallbacks": dict(run.fallbacks),
+            "fallback_fraction": run.fallback_fraction,
+            "exact_solves": run.exact_solves,
+            "max_std": run.max_std,
+            "seconds_surrogate": run.seconds_surrogate,
+            "seconds_fine": run.seconds_fine,
             "seconds_total": seconds_total,
             "maps": self.maps,
         }
@@ -183,3 +216,42 @@ class RunRecorder:
         if self.output_dir is not None:
             self._write_summary(summary)
         return summary
+
+
+def format_summary(
+    summary: Mapping[str, Any],
+    title: str,
+    *,
+    points: str = "quadrature points",
+    field_label: str = "the macro field",
+    response_label: str = "the homogenized response",
+) -> str:
+    """A few terminal lines from a :class:`RunRecorder` summary (with an optional
+    ``reference`` entry of the exact-micro run: its times, the speed-up and the relative L2
+    differences ``field_relative_l2`` per step and ``response_relative_l2``); ``points``,
+    ``field_label`` and ``response_label`` name the host's points and fields."""
+    other = summary["seconds_total"] - summary["seconds_closure"] - summary["seconds_host"]
+    lines = [
+        f"{title}: {summary['points']} {points} on {summary['ranks']} rank(s), "
+        f"closure {summary.get('closure', '?')}",
+        f"  steps {len(summary['steps'])}, Newton iterations {summary['newton_iterations']}, "
+        f"closure calls {summary['closure_calls']}, step revisions {summary['revisions']}",
+        f"  fallback fraction {summary['fallback_fraction']:.4f} {summary['fallbacks']}, "
+        f"max predicted std {summary['max_std']:.3g}",
+        f"  time {summary['seconds_total']:.2f} s = closure {summary['seconds_closure']:.2f} s "
+        f"(surrogate {summary['seconds_surrogate']:.2f} s, fine solves "
+        f"{summary['seconds_fine']:.2f} s) + host {summary['seconds_host']:.2f} s + other "
+        f"(fields, summaries) {other:.2f} s; set-up {summary.get('seconds_setup', 0.0):.2f} s",
+    ]
+    ref = summary.get("reference")
+    if ref:
+        fields = ", ".join(f"{e:.2e}" for e in ref["field_relative_l2"])
+        lines += [
+            f"  exact-micro reference: {ref['seconds_total']:.2f} s (set-up "
+            f"{ref.get('seconds_setup', 0.0):.2f} s), speed-up {ref['speedup']:.1f}x "
+            "(set-up + run time)",
+            f"  relative L2 difference of {field_label} per step: {fields}",
+            f"  relative L2 difference of {response_label} at the last step: "
+            f"{ref['response_relative_l2']:.2e}",
+        ]
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ field (relative L2 over the domain) and the homogenized response at the quadratu
 """
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFI
 import ufl
 from dolfinx import fem
 
-__all__ = ["compare_runs", "field_difference", "format_summary", "response_difference"]
+__all__ = ["compare_runs", "field_difference", "response_difference"]
 
 
 def field_difference(u: Any, reference: Any) -> float:
@@ -56,33 +56,3 @@ def compare_runs(
         problem.comm, problem.last_result.response, reference.last_result.response
     )
     return {"field_relative_l2": fields, "response_relative_l2": response}
-
-
-def format_summary(summary: Mapping[str, Any], title: str) -> str:
-    """A few terminal lines from a :class:`TwoScaleDriver` summary (with an optional
-    ``reference`` entry from :func:`compare_runs` and the reference's time)."""
-    other = summary["seconds_total"] - summary["seconds_closure"] - summary["seconds_host"]
-    lines = [
-        f"{title}: {summary['points']} quadrature points on {summary['ranks']} rank(s), "
-        f"closure {summary.get('closure', '?')}",
-        f"  steps {len(summary['steps'])}, Newton iterations {summary['newton_iterations']}, "
-        f"closure calls {summary['closure_calls']}, step revisions {summary['revisions']}",
-        f"  fallback fraction {summary['fallback_fraction']:.4f} {summary['fallbacks']}, "
-        f"max predicted std {summary['max_std']:.3g}",
-        f"  time {summary['seconds_total']:.2f} s = closure {summary['seconds_closure']:.2f} s "
-        f"(surrogate {summary['seconds_surrogate']:.2f} s, fine solves "
-        f"{summary['seconds_fine']:.2f} s) + host {summary['seconds_host']:.2f} s + other "
-        f"(fields, summaries) {other:.2f} s; set-up {summary.get('seconds_setup', 0.0):.2f} s",
-    ]
-    ref = summary.get("reference")
-    if ref:
-        fields = ", ".join(f"{e:.2e}" for e in ref["field_relative_l2"])
-        lines += [
-            f"  exact-micro reference: {ref['seconds_total']:.2f} s (set-up "
-            f"{ref.get('seconds_setup', 0.0):.2f} s), speed-up {ref['speedup']:.1f}x "
-            "(set-up + run time)",
-            f"  relative L2 difference of the macro field per step: {fields}",
-            "  relative L2 difference of the homogenized response at the last step: "
-            f"{ref['response_relative_l2']:.2e}",
-        ]
-    return "\n".join(lines)

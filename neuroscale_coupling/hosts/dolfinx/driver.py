@@ -33,13 +33,8 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401  (import order of the DOLFI
 # isort: split
 from dolfinx import fem, io
 
-from neuroscale_coupling.closure.contract import StepStats
-from neuroscale_coupling.closure.run_record import RunRecorder
-from neuroscale_coupling.hosts.dolfinx.problems import (
-    MechanicalFE2Problem,
-    NewtonReport,
-    ThermalFE2Problem,
-)
+from neuroscale_coupling.closure.run_record import NewtonReport, RunRecorder
+from neuroscale_coupling.hosts.dolfinx.problems import MechanicalFE2Problem, ThermalFE2Problem
 from neuroscale_coupling.log import get_logger
 
 __all__ = ["TwoScaleDriver"]
@@ -151,9 +146,8 @@ class TwoScaleDriver:
                     xdmf.write_function(self._output_field(), float(value))
                     for fn in self._cell_fields.values():
                         xdmf.write_function(fn, float(value))
-                figures = {**vars(report), "observed_orders": report.observed_orders()}
-                stats = figures.pop("closure_stats")
-                recorder.record(StepStats(**stats), {"value": float(value), **figures, **observed})
+                stats, figures = report.figures()
+                recorder.record(stats, {"value": float(value), **figures, **observed})
         finally:
             if xdmf is not None:
                 xdmf.close()

@@ -20,7 +20,6 @@ where with tensor-shear Voigt vectors ``Σ:ε(v) = Σ11 ε11 + Σ22 ε22 + 2 Σ1
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,13 +35,13 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from neuroscale_coupling.closure.contract import Closure
+from neuroscale_coupling.closure.run_record import NewtonReport
 from neuroscale_coupling.log import get_logger
 
 __all__ = [
     "DEFAULT_SNES_OPTIONS",
     "MacroQuadrature",
     "MechanicalFE2Problem",
-    "NewtonReport",
     "ThermalFE2Problem",
     "voigt_strain",
 ]
@@ -136,31 +135,6 @@ def voigt_strain(w: Any) -> Any:
     """Tensor-shear Voigt vector (ε11, ε22, ε12) of the symmetric gradient of w."""
     e = ufl.sym(ufl.grad(w))
     return ufl.as_vector([e[0, 0], e[1, 1], e[0, 1]])
-
-
-@dataclass
-class NewtonReport:
-    """One step: Newton iterations (all solves), ‖F‖ per iteration of the last solve,
-    seconds in closure vs host, closure statistics, revisions (extra solves because the
-    closure changed its decisions)."""
-
-    iterations: int
-    residuals: list[float]
-    converged_reason: int
-    closure_calls: int
-    seconds_closure: float
-    seconds_host: float
-    closure_stats: dict[str, Any] = field(default_factory=dict)
-    revisions: int = 0
-
-    def observed_orders(self) -> list[float]:
-        """Convergence orders log(r_{k+1}/r_k) / log(r_k/r_{k-1}) along the history."""
-        r = np.asarray(self.residuals)
-        r = r[r > 0]
-        if r.size < 3:
-            return []
-        lr = np.log(r)
-        return list((lr[2:] - lr[1:-1]) / (lr[1:-1] - lr[:-2]))
 
 
 class _FE2Problem:

@@ -25,8 +25,6 @@ settings`). Importing this package needs neither preCICE nor the Micro Manager; 
 classes are loaded on first access.
 """
 
-from typing import Any
-
 from neuroscale_coupling.hosts.micro_manager.cells import CellSpec
 from neuroscale_coupling.hosts.micro_manager.names import NAME_PATTERN, DataNames
 from neuroscale_coupling.hosts.micro_manager.settings import (
@@ -36,6 +34,7 @@ from neuroscale_coupling.hosts.micro_manager.settings import (
     current_settings,
     load_settings,
 )
+from neuroscale_coupling.lazy import lazy_attributes
 
 __all__ = [
     "ENV_VAR",
@@ -61,10 +60,4 @@ _LAZY = {
     "switching_function": "neuroscale_coupling.hosts.micro_manager.switching",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

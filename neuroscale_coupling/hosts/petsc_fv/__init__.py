@@ -29,17 +29,12 @@ from neuroscale_coupling.hosts.petsc_fv.driver import (
     format_summary,
 )
 from neuroscale_coupling.hosts.petsc_fv.grid import SIDES, FVGrid
-from neuroscale_coupling.hosts.petsc_fv.problem import (
-    StepReport,
-    ThermalFVProblem,
-    default_snes_options,
-)
+from neuroscale_coupling.hosts.petsc_fv.problem import ThermalFVProblem, default_snes_options
 
 __all__ = [
     "SIDES",
     "FVDriver",
     "FVGrid",
-    "StepReport",
     "ThermalFVProblem",
     "compare_runs",
     "default_snes_options",

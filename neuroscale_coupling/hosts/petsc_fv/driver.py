@@ -26,9 +26,9 @@ from mpi4py import MPI
 import numpy as np
 from petsc4py import PETSc
 
-from neuroscale_coupling.closure.contract import StepStats
-from neuroscale_coupling.closure.run_record import RunRecorder
-from neuroscale_coupling.hosts.petsc_fv.problem import StepReport, ThermalFVProblem
+from neuroscale_coupling.closure.run_record import NewtonReport, RunRecorder
+from neuroscale_coupling.closure.run_record import format_summary as summary_lines
+from neuroscale_coupling.hosts.petsc_fv.problem import ThermalFVProblem
 from neuroscale_coupling.io import atomic_write
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import collective_call
@@ -65,7 +65,7 @@ class FVDriver:
         self.progress = progress
         g = problem.grid
         self.metadata = {"host": "petsc_fv", "grid": [g.nx, g.ny], **dict(metadata or {})}
-        self.reports: list[StepReport] = []
+        self.reports: list[NewtonReport] = []
         self.values: list[float] = []
         self.maps: dict[str, str] = {}
         self._field_dm = g.cell_dm(len(CELL_FIELDS), CELL_FIELDS)
@@ -101,9 +101,8 @@ class FVDriver:
             )  # fmt: skip
             if self.output_dir is not None:
                 self._write_fields(k, float(value))
-            figures = {**vars(report), "observed_orders": report.observed_orders()}
-            stats = figures.pop("closure_stats")
-            recorder.record(StepStats(**stats), {"value": float(value), **figures, **observed})
+            stats, figures = report.figures()
+            recorder.record(stats, {"value": float(value), **figures, **observed})
         summary = recorder.close()
         self.maps = recorder.maps
         return summary
@@ -171,29 +170,11 @@ def compare_runs(
 def format_summary(summary: Mapping[str, Any], title: str) -> str:
     """A few terminal lines from an :class:`FVDriver` summary (with the optional
     ``reference`` entry of the exact-micro run)."""
-    other = summary["seconds_total"] - summary["seconds_closure"] - summary["seconds_host"]
     nx, ny = summary.get("grid", ("?", "?"))
-    lines = [
-        f"{title}: {nx} x {ny} cells, {summary['points']} closure faces on "
-        f"{summary['ranks']} rank(s), closure {summary.get('closure', '?')}",
-        f"  steps {len(summary['steps'])}, Newton iterations {summary['newton_iterations']}, "
-        f"closure calls {summary['closure_calls']}, step revisions {summary['revisions']}",
-        f"  fallback fraction {summary['fallback_fraction']:.4f} {summary['fallbacks']}, "
-        f"max predicted std {summary['max_std']:.3g}",
-        f"  time {summary['seconds_total']:.2f} s = closure {summary['seconds_closure']:.2f} s "
-        f"(surrogate {summary['seconds_surrogate']:.2f} s, fine solves "
-        f"{summary['seconds_fine']:.2f} s) + host {summary['seconds_host']:.2f} s + other "
-        f"(fields, summaries) {other:.2f} s; set-up {summary.get('seconds_setup', 0.0):.2f} s",
-    ]
-    ref = summary.get("reference")
-    if ref:
-        fields = ", ".join(f"{e:.2e}" for e in ref["field_relative_l2"])
-        lines += [
-            f"  exact-micro reference: {ref['seconds_total']:.2f} s (set-up "
-            f"{ref.get('seconds_setup', 0.0):.2f} s), speed-up {ref['speedup']:.1f}x "
-            "(set-up + run time)",
-            f"  relative L2 difference of T per step: {fields}",
-            "  relative L2 difference of the face fluxes at the last step: "
-            f"{ref['response_relative_l2']:.2e}",
-        ]
-    return "\n".join(lines)
+    return summary_lines(
+        summary,
+        title,
+        points=f"closure faces ({nx} x {ny} cells)",
+        field_label="T",
+        response_label="the face fluxes",
+    )

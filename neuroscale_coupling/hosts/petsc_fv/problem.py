@@ -31,7 +31,6 @@ evaluations, rollback to redo a step) and hide that order.
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from mpi4py import MPI
@@ -41,11 +40,12 @@ import numpy as np
 from petsc4py import PETSc
 
 from neuroscale_coupling.closure.contract import Closure, ClosureResult
+from neuroscale_coupling.closure.run_record import NewtonReport
 from neuroscale_coupling.hosts.petsc_fv.grid import SIDES, FVGrid, values_at
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import collective_call
 
-__all__ = ["StepReport", "ThermalFVProblem", "default_snes_options"]
+__all__ = ["ThermalFVProblem", "default_snes_options"]
 
 log = get_logger(__name__)
 
@@ -71,32 +71,6 @@ def default_snes_options(comm: MPI.Comm) -> dict[str, Any]:
     if comm.size == 1:
         return {**options, "pc_factor_mat_solver_type": "petsc"}
     return {**options, "ksp_type": "gmres", "pc_type": "bjacobi", "ksp_rtol": 1e-12}
-
-
-@dataclass
-class StepReport:
-    """One step: Newton iterations (all solves of the step), ‖F‖ per iteration of the last
-    solve, SNES reason (agreed by all ranks), closure calls, seconds in the closure vs the
-    host (slowest rank), the closure's step statistics, revisions (solves repeated because
-    the closure changed its decisions)."""
-
-    iterations: int
-    residuals: list[float]
-    converged_reason: int
-    closure_calls: int
-    seconds_closure: float
-    seconds_host: float
-    closure_stats: dict[str, Any] = field(default_factory=dict)
-    revisions: int = 0
-
-    def observed_orders(self) -> list[float]:
-        """Convergence orders log(r_{k+1}/r_k) / log(r_k/r_{k−1}) along the history."""
-        r = np.asarray(self.residuals)
-        r = r[r > 0]
-        if r.size < 3:
-            return []
-        lr = np.log(r)
-        return list((lr[2:] - lr[1:-1]) / (lr[1:-1] - lr[:-2]))
 
 
 class ThermalFVProblem:
@@ -353,7 +327,7 @@ class ThermalFVProblem:
         history = [float(r) for r in self.snes.getConvergenceHistory()[0]]
         return history, reason, self._error
 
-    def solve_step(self) -> StepReport:
+    def solve_step(self) -> NewtonReport:
         """Solve the current step (collective): ``closure.begin_step(k)``, SNES from the
         previous step's field, then while ``closure.revise_step()`` asks for it (at most
         ``max_revisions`` times) SNES again from the converged field, ``closure.end_step()``.
@@ -389,7 +363,7 @@ class ThermalFVProblem:
                 f"residuals {residuals[-3:]}): reduce the time step or raise snes_max_it"
             )
         stats = self.closure.end_step()
-        report = StepReport(
+        report = NewtonReport(
             iterations=iterations,
             residuals=residuals,
             converged_reason=int(reason),
