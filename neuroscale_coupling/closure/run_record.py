@@ -44,7 +44,7 @@ from neuroscale_coupling.closure.point_maps import write_point_maps
 from neuroscale_coupling.io import plain_values, write_json_atomic
 from neuroscale_coupling.parallel import collective_call
 
-__all__ = ["NewtonReport", "RunRecorder", "format_summary"]
+__all__ = ["NewtonReport", "RunRecorder", "format_summary", "run_step"]
 
 #: Host figures summed over the steps into run totals (when the host gives them).
 _HOST_TOTALS = {
@@ -88,6 +88,57 @@ class NewtonReport:
         figures = {k: v for k, v in vars(self).items() if k != "closure_stats"}
         figures["observed_orders"] = self.observed_orders()
         return StepStats(**self.closure_stats), figures
+
+
+def run_step(
+    closure: Closure,
+    step: int,
+    newton: Callable[[], tuple[list[float], int, str, int]],
+    *,
+    max_revisions: int,
+    counters: Callable[[], tuple[int, float]],
+    advice: str,
+) -> NewtonReport:
+    """One step of a host's Newton solve in the closure's call order (collective).
+
+    ``closure.begin_step(step)``; ``newton()`` solves from the current field and returns
+    (‖F‖ per iteration, the solver's converged reason agreed by all ranks, a failure text or
+    "", its iterations); while it converged and ``closure.revise_step()`` asks for it (at
+    most ``max_revisions`` times) the step is solved again; ``closure.end_step()``. When the
+    solve raises, or does not converge, the step is aborted (``abort_step``) and every rank
+    raises (RuntimeError naming the step, the failure and ``advice``). ``counters()`` gives
+    this rank's closure calls and closure seconds of the step, for the report."""
+    closure.begin_step(step)
+    t0 = time.perf_counter()
+    iterations, revisions = 0, 0
+    try:
+        while True:
+            residuals, reason, failure, its = newton()
+            iterations += its
+            if reason <= 0 or revisions == max_revisions or not closure.revise_step():
+                break
+            revisions += 1
+    except BaseException:
+        closure.abort_step()  # the step failed: the next one starts afresh
+        raise
+    seconds = time.perf_counter() - t0
+    if reason <= 0:
+        closure.abort_step()
+        detail = failure or f"solver reason {reason}, residuals {residuals[-3:]}"
+        raise RuntimeError(f"macro Newton did not converge in step {step} ({detail}): {advice}")
+    stats = closure.end_step()
+    calls, closure_seconds = counters()
+    comm = closure.comm
+    return NewtonReport(
+        iterations=iterations,
+        residuals=residuals,
+        converged_reason=int(reason),
+        closure_calls=calls,
+        seconds_closure=comm.allreduce(closure_seconds, op=MPI.MAX),
+        seconds_host=comm.allreduce(seconds - closure_seconds, op=MPI.MAX),
+        closure_stats=stats.as_dict(),
+        revisions=revisions,
+    )
 
 
 class RunRecorder:

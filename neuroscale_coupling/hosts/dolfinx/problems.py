@@ -35,7 +35,7 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from neuroscale_coupling.closure.contract import Closure
-from neuroscale_coupling.closure.run_record import NewtonReport
+from neuroscale_coupling.closure.run_record import NewtonReport, run_step
 from neuroscale_coupling.log import get_logger
 
 __all__ = [
@@ -228,46 +228,22 @@ class _FE2Problem:
         then closes the step. Raises RuntimeError, on every rank, when SNES does not
         converge.
         """
-        self.closure.begin_step(self._step)
         self._calls, self._seconds_closure = 0, 0.0
         # The first iterate is the previous step's field: the closure decides on the states
         # the step starts from, and the first Newton update (Dirichlet rows u − g, lifted
         # into the interior through the tangent) is the linear predictor of the new
         # boundary values. Setting them first would put the whole jump of a changed
         # Dirichlet value into one element layer (spurious gradients at the edge).
-        t0 = time.perf_counter()
-        iterations, revisions = 0, 0
-        try:
-            while True:
-                residuals, reason, failure = self._newton()
-                iterations += self.problem.solver.getIterationNumber()
-                if reason <= 0 or revisions == self.max_revisions:
-                    break
-                if not self.closure.revise_step():
-                    break
-                revisions += 1
-        except BaseException:
-            self.closure.abort_step()  # the step failed: the next one starts afresh
-            raise
-        seconds = time.perf_counter() - t0
-        if reason <= 0:  # the step failed: closed unrecorded, the next one starts afresh
-            self.closure.abort_step()
-            detail = failure or f"SNES reason {reason}, residuals {residuals[-3:]}"
-            raise RuntimeError(
-                f"macro Newton did not converge in step {self._step} ({detail}): reduce the "
-                "load/time step, raise snes_max_it, or see the closure error above"
-            )
-        stats = self.closure.end_step()
-        report = NewtonReport(
-            iterations=iterations,
-            residuals=residuals,
-            converged_reason=int(reason),
-            closure_calls=self._calls,
-            seconds_closure=self.comm.allreduce(self._seconds_closure, op=MPI.MAX),
-            seconds_host=self.comm.allreduce(seconds - self._seconds_closure, op=MPI.MAX),
-            closure_stats=stats.as_dict(),
-            revisions=revisions,
-        )
+
+        def newton() -> tuple[list[float], int, str, int]:
+            residuals, reason, failure = self._newton()
+            return residuals, reason, failure, self.problem.solver.getIterationNumber()
+
+        report = run_step(
+            self.closure, self._step, newton, max_revisions=self.max_revisions,
+            counters=lambda: (self._calls, self._seconds_closure),
+            advice="reduce the load/time step, raise snes_max_it, or see the closure error above",
+        )  # fmt: skip
         self._step += 1
         return report
 

@@ -40,7 +40,7 @@ import numpy as np
 from petsc4py import PETSc
 
 from neuroscale_coupling.closure.contract import Closure, ClosureResult
-from neuroscale_coupling.closure.run_record import NewtonReport
+from neuroscale_coupling.closure.run_record import NewtonReport, run_step
 from neuroscale_coupling.hosts.petsc_fv.grid import SIDES, FVGrid, values_at
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import collective_call
@@ -333,46 +333,23 @@ class ThermalFVProblem:
         ``max_revisions`` times) SNES again from the converged field, ``closure.end_step()``.
         A closure or callback error raises on every rank (the closure's step is aborted);
         SNES not converging raises RuntimeError on every rank."""
-        self.closure.begin_step(self._step)
         self._calls, self._seconds_closure = 0, 0.0
-        t0 = time.perf_counter()
-        iterations, revisions = 0, 0
-        try:
-            while True:
-                residuals, reason, error = self._newton()
-                iterations += self.snes.getIterationNumber()
-                if reason == -1000:
-                    if error is not None:
-                        raise error
-                    raise RuntimeError(
-                        f"the macro Newton solve of step {self._step} failed on another rank"
-                    )
-                if reason <= 0 or revisions == self.max_revisions:
-                    break
-                if not self.closure.revise_step():
-                    break
-                revisions += 1
-        except BaseException:
-            self.closure.abort_step()  # the step failed: the next one starts afresh
-            raise
-        seconds = time.perf_counter() - t0
-        if reason <= 0:
-            self.closure.abort_step()
-            raise RuntimeError(
-                f"macro Newton did not converge in step {self._step} (SNES reason {reason}, "
-                f"residuals {residuals[-3:]}): reduce the time step or raise snes_max_it"
-            )
-        stats = self.closure.end_step()
-        report = NewtonReport(
-            iterations=iterations,
-            residuals=residuals,
-            converged_reason=int(reason),
-            closure_calls=self._calls,
-            seconds_closure=self.comm.allreduce(self._seconds_closure, op=MPI.MAX),
-            seconds_host=self.comm.allreduce(seconds - self._seconds_closure, op=MPI.MAX),
-            closure_stats=stats.as_dict(),
-            revisions=revisions,
-        )
+
+        def newton() -> tuple[list[float], int, str, int]:
+            residuals, reason, error = self._newton()
+            if reason == -1000:  # a failure inside the SNES callbacks: raised here, on all
+                if error is not None:
+                    raise error
+                raise RuntimeError(
+                    f"the macro Newton solve of step {self._step} failed on another rank"
+                )
+            return residuals, reason, "", self.snes.getIterationNumber()
+
+        report = run_step(
+            self.closure, self._step, newton, max_revisions=self.max_revisions,
+            counters=lambda: (self._calls, self._seconds_closure),
+            advice="reduce the time step or raise snes_max_it",
+        )  # fmt: skip
         self._step += 1
         return report
 
