@@ -58,16 +58,13 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401
 # isort: split
 import ufl
 from dolfinx import fem, mesh
-from run_options import add_closure_arguments, closure_settings, solve_and_compare
+from run_options import add_closure_arguments, closure_settings, make_closure, solve_and_compare
 
 from neuroscale_coupling.cell.materials import equino_material
 from neuroscale_coupling.cell.microstructure import centre_and_corner_fibres
-from neuroscale_coupling.closure.contract import Closure
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions
-from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.closure.fallback import FallbackPolicy
 from neuroscale_coupling.closure.run_record import format_summary
-from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
 from neuroscale_coupling.fine import make_solver
 from neuroscale_coupling.hosts.dolfinx.dns import MechanicalDNS
 from neuroscale_coupling.hosts.dolfinx.driver import TwoScaleDriver
@@ -136,12 +133,10 @@ def build(
         centre_and_corner_fibres(cell_n, FIBRE_FRACTION), (quad.n_local, cell_n, cell_n)
     )
     fine = make_solver(solver, MATERIAL)
-    if surrogate is None:
-        closure: Closure = ExactClosure(MATERIAL, fine, cells, comm=comm)
-    else:
-        closure = SurrogateClosure(
-            surrogate, fine, cells, comm=comm, policy=policy, enrichment=enrichment
-        )
+    closure = make_closure(
+        MATERIAL, fine, cells, comm=comm, surrogate=surrogate, policy=policy,
+        enrichment=enrichment,
+    )  # fmt: skip
     return MechanicalFE2Problem(
         quad, closure, bcs=clamp(msh), traction=right_edge_traction(msh, traction)
     )

@@ -42,14 +42,12 @@ import neuroscale_coupling.dolfinx_env  # noqa: F401
 import ufl
 from dolfinx import fem, mesh
 from graded_plate import LENGTH, MATERIAL, graded_cells
-from run_options import add_closure_arguments, closure_settings, solve_and_compare
+from run_options import add_closure_arguments, closure_settings, make_closure, solve_and_compare
 
-from neuroscale_coupling.closure.contract import Closure
+from neuroscale_coupling.closure.contract import cells_of_points
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions
-from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.closure.fallback import FallbackPolicy
 from neuroscale_coupling.closure.run_record import format_summary
-from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
 from neuroscale_coupling.fine import make_solver
 from neuroscale_coupling.hosts.dolfinx.dns import ThermalDNS
 from neuroscale_coupling.hosts.dolfinx.driver import TwoScaleDriver
@@ -94,16 +92,11 @@ def build(
     msh = plate(comm, macro)
     quad = MacroQuadrature(msh, 2)
     fine = make_solver(solver, MATERIAL)
-    cells = graded_cells(cell_n)
-    if surrogate is None:
-        closure: Closure = ExactClosure.from_coordinates(
-            MATERIAL, fine, quad.coordinates, cells, comm=comm
-        )
-    else:
-        closure = SurrogateClosure.from_coordinates(
-            surrogate, fine, quad.coordinates, cells, comm=comm, policy=policy,
-            enrichment=enrichment,
-        )  # fmt: skip
+    cells = cells_of_points(comm, graded_cells(cell_n), quad.coordinates)
+    closure = make_closure(
+        MATERIAL, fine, cells, comm=comm, surrogate=surrogate, policy=policy,
+        enrichment=enrichment,
+    )  # fmt: skip
     return ThermalFE2Problem(
         quad, closure, bcs=edge_temperatures(msh, hot), source=0.0, capacity=1.0
     )

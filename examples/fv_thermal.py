@@ -32,11 +32,9 @@ from mpi4py import MPI
 
 # isort: split
 from graded_plate import LENGTH, MATERIAL, graded_cells
-from run_options import add_closure_arguments, closure_settings, solve_and_compare
+from run_options import add_closure_arguments, closure_settings, make_closure, solve_and_compare
 
-from neuroscale_coupling.closure.contract import Closure
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions
-from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.closure.fallback import FallbackPolicy
 from neuroscale_coupling.fine import make_solver
 from neuroscale_coupling.hosts.petsc_fv import (
@@ -71,14 +69,10 @@ def build(
     grid = plate(comm, macro)
     cells = grid.cells_at_faces(graded_cells(cell_n))  # collective: fails on all ranks alike
     fine = make_solver(solver, MATERIAL)
-    if surrogate is None:
-        closure: Closure = ExactClosure(MATERIAL, fine, cells, comm=comm)
-    else:
-        from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
-
-        closure = SurrogateClosure(
-            surrogate, fine, cells, comm=comm, policy=policy, enrichment=enrichment
-        )
+    closure = make_closure(
+        MATERIAL, fine, cells, comm=comm, surrogate=surrogate, policy=policy,
+        enrichment=enrichment,
+    )  # fmt: skip
     return ThermalFVProblem(
         grid, closure, dirichlet={"left": hot, "right": 0.0}, source=0.0, capacity=1.0
     )

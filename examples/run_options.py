@@ -12,15 +12,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mpi4py import MPI
 
-from neuroscale_coupling.cell.materials import material_to_dict
+from neuroscale_coupling.cell.materials import Material, material_to_dict
+from neuroscale_coupling.closure.contract import Closure
 from neuroscale_coupling.closure.enrichment import EnrichmentOptions
+from neuroscale_coupling.closure.exact import ExactClosure
 from neuroscale_coupling.closure.fallback import FallbackPolicy
+from neuroscale_coupling.fine.protocol import FineSolver
 from neuroscale_coupling.models import shipped_model_path
 from neuroscale_coupling.surrogate.model_file import Surrogate
 
-__all__ = ["add_closure_arguments", "closure_settings", "reference_record", "solve_and_compare"]
+__all__ = [
+    "add_closure_arguments",
+    "closure_settings",
+    "make_closure",
+    "reference_record",
+    "solve_and_compare",
+]
 
 
 def add_closure_arguments(
@@ -68,6 +78,27 @@ def closure_settings(
             f"{material_to_dict(material)}: train one with examples/train/{physics}.toml"
         )
     return surrogate, policy, enrichment
+
+
+def make_closure(
+    material: Material,
+    solver: FineSolver,
+    cells: np.ndarray,
+    *,
+    comm: MPI.Comm,
+    surrogate: Surrogate | None = None,
+    policy: FallbackPolicy | None = None,
+    enrichment: EnrichmentOptions | None = None,
+) -> Closure:
+    """The exact-micro closure on ``cells`` (n_local, n, n), or the surrogate closure with
+    fallback when ``surrogate`` is given (collective)."""
+    if surrogate is None:
+        return ExactClosure(material, solver, cells, comm=comm)
+    from neuroscale_coupling.closure.surrogate_closure import SurrogateClosure
+
+    return SurrogateClosure(
+        surrogate, solver, cells, comm=comm, policy=policy, enrichment=enrichment
+    )
 
 
 def reference_record(
