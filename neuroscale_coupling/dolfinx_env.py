@@ -12,19 +12,10 @@ except ImportError:
 
 try:
     import dolfinx  # noqa: F401
-    from petsc4py import PETSc
+    from petsc4py import PETSc  # noqa: F401
 except ImportError as exc:
     raise ImportError(
         "DOLFINx is not installed: install the FE extra, "
         "`pip install 'neuroscale-coupling[fem]'`, or DOLFINx 0.11 from conda-forge "
         f"({exc})"
     ) from exc
-
-
-def direct_solver_type() -> str:
-    """The sparse LU package to use: MUMPS when the PETSc build has it, else
-    SuperLU_DIST, else PETSc's own (serial) LU."""
-    for package in ("mumps", "superlu_dist"):
-        if PETSc.Sys.hasExternalPackage(package):
-            return package
-    return "petsc"

@@ -34,7 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from neuroscale_coupling.dolfinx_env import direct_solver_type  # first: import order
+import neuroscale_coupling.dolfinx_env  # noqa: F401  (first: the import order of DOLFINx)
+
+# isort: split
+from neuroscale_coupling.petsc_solvers import direct_solver_type
 
 # isort: split
 import basix

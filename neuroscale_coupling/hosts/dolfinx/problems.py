@@ -24,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from neuroscale_coupling.dolfinx_env import direct_solver_type  # first: import order
+import neuroscale_coupling.dolfinx_env  # noqa: F401  (first: the import order of DOLFINx)
+
+# isort: split
+from neuroscale_coupling.petsc_solvers import newton_lu_options
 
 # isort: split
 import basix.ufl
@@ -49,19 +52,9 @@ __all__ = [
 log = get_logger(__name__)
 
 #: Newton with a full step and a direct LU (MUMPS when present): the consistent tangent
-#: gives quadratic convergence. Passed through to PETSc unchanged; the user's options
-#: update these.
-DEFAULT_SNES_OPTIONS: dict[str, Any] = {
-    "snes_type": "newtonls",
-    "snes_linesearch_type": "basic",
-    "snes_rtol": 1e-10,
-    "snes_atol": 1e-12,
-    "snes_stol": 0.0,
-    "snes_max_it": 25,
-    "ksp_type": "preonly",
-    "pc_type": "lu",
-    "pc_factor_mat_solver_type": direct_solver_type(),
-}
+#: gives quadratic convergence (:func:`~neuroscale_coupling.petsc_solvers.
+#: newton_lu_options`). Passed through to PETSc unchanged; the user's options update these.
+DEFAULT_SNES_OPTIONS: dict[str, Any] = newton_lu_options()
 
 
 class MacroQuadrature:

@@ -29,7 +29,7 @@ from neuroscale_coupling.hosts.petsc_fv.driver import (
     format_summary,
 )
 from neuroscale_coupling.hosts.petsc_fv.grid import SIDES, FVGrid
-from neuroscale_coupling.hosts.petsc_fv.problem import ThermalFVProblem, default_snes_options
+from neuroscale_coupling.hosts.petsc_fv.problem import ThermalFVProblem
 
 __all__ = [
     "SIDES",
@@ -37,7 +37,6 @@ __all__ = [
     "FVGrid",
     "ThermalFVProblem",
     "compare_runs",
-    "default_snes_options",
     "field_difference",
     "format_summary",
 ]

@@ -44,33 +44,13 @@ from neuroscale_coupling.closure.run_record import NewtonReport, run_step
 from neuroscale_coupling.hosts.petsc_fv.grid import SIDES, FVGrid, values_at
 from neuroscale_coupling.log import get_logger
 from neuroscale_coupling.parallel import collective_call
+from neuroscale_coupling.petsc_solvers import newton_lu_options
 
-__all__ = ["ThermalFVProblem", "default_snes_options"]
+__all__ = ["ThermalFVProblem"]
 
 log = get_logger(__name__)
 
 Value = float | Callable[[np.ndarray], np.ndarray]
-
-
-def default_snes_options(comm: MPI.Comm) -> dict[str, Any]:
-    """Newton with full steps and a direct LU (MUMPS, else SuperLU_DIST; PETSc's own LU on
-    one rank; GMRES + block Jacobi to 1e-12 on several ranks without either)."""
-    options: dict[str, Any] = {
-        "snes_type": "newtonls",
-        "snes_linesearch_type": "basic",
-        "snes_rtol": 1e-10,
-        "snes_atol": 1e-12,
-        "snes_stol": 0.0,
-        "snes_max_it": 25,
-        "ksp_type": "preonly",
-        "pc_type": "lu",
-    }
-    for package in ("mumps", "superlu_dist"):
-        if PETSc.Sys.hasExternalPackage(package):
-            return {**options, "pc_factor_mat_solver_type": package}
-    if comm.size == 1:
-        return {**options, "pc_factor_mat_solver_type": "petsc"}
-    return {**options, "ksp_type": "gmres", "pc_type": "bjacobi", "ksp_rtol": 1e-12}
 
 
 class ThermalFVProblem:
@@ -84,7 +64,7 @@ class ThermalFVProblem:
     sides (default 0: insulated). source: f (number or callable of the cell centres).
     capacity: c (None: steady). dt: time step. initial: T at t = 0 (number or callable of
     the cell centres). petsc_options: SNES/KSP options updating
-    :func:`default_snes_options`; prefix: their options prefix.
+    :func:`~neuroscale_coupling.petsc_solvers.newton_lu_options`; prefix: their options prefix.
 
     ``T`` is the solution (a global vector of ``grid.da``), ``T_old`` the previous time
     level; ``solve_step()`` solves the current step, ``advance()`` accepts it.
@@ -162,7 +142,7 @@ class ThermalFVProblem:
         )
         self.T.copy(self.T_old)
         self._build_matrix()
-        self._build_snes(prefix, {**default_snes_options(self.comm), **(petsc_options or {})})
+        self._build_snes(prefix, {**newton_lu_options(self.comm), **(petsc_options or {})})
         self.last_result: ClosureResult | None = None
         self._last_x: np.ndarray | None = None
         self._error: BaseException | None = None
