@@ -160,12 +160,18 @@ class RunRecorder:
         metadata: Mapping[str, Any] | None = None,
         description: str = "FE² steps",
     ) -> None:
-        xy = np.asarray(coordinates, dtype=float)
-        if xy.ndim != 2 or xy.shape[0] != closure.n_local or xy.shape[1] < 2:
-            raise ValueError(
-                f"coordinates have shape {xy.shape}; the closure has {closure.n_local} local "
-                "points: give (n_local, 2) or (n_local, 3) positions in its point order"
-            )
+
+        def checked() -> np.ndarray:
+            xy = np.asarray(coordinates, dtype=float)
+            if xy.ndim != 2 or xy.shape[0] != closure.n_local or xy.shape[1] < 2:
+                raise ValueError(
+                    f"coordinates have shape {xy.shape}; the closure has {closure.n_local} "
+                    "local points: give (n_local, 2) or (n_local, 3) positions in its point "
+                    "order"
+                )
+            return xy
+
+        xy = collective_call(comm, checked, "run record: coordinates")
         self.closure = closure
         self.comm = comm
         self.coordinates = xy
@@ -196,7 +202,9 @@ class RunRecorder:
         """Record a closed step (collective): ``stats`` as ``closure.end_step()`` returned
         it, ``host`` the host's plain figures of the step (e.g. ``value``, ``iterations``,
         ``residuals``, ``closure_calls``, ``seconds_closure``, ``seconds_host``)."""
-        figures = plain_values(dict(host or {}))
+        figures = collective_call(
+            self.comm, lambda: plain_values(dict(host or {})), "run record: host figures"
+        )
         self.steps.append({**figures, "closure_stats": plain_values(stats.as_dict())})
         self.totals.add(stats)
         maps = self.closure.point_maps()
