@@ -27,9 +27,12 @@ def assert_same_on_all_ranks(comm: MPI.Comm, array: np.ndarray) -> None:
 
 
 def evaluate_step(closure, states, step: int = 0):
-    """One closure step of a single evaluation (the host protocol): begin_step, evaluate,
-    end_step; returns the ClosureResult."""
+    """One closure step at fixed states (the host protocol of a host without a Newton
+    solve): begin_step, evaluate, and evaluate again while revise_step asks for it (the
+    state tests apply at converged states), end_step; returns the last ClosureResult."""
     closure.begin_step(step)
     result = closure.evaluate(states)
+    while closure.revise_step():
+        result = closure.evaluate(states)
     closure.end_step()
     return result

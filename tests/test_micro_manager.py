@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import evaluate_step
 from mpi4py import MPI
 
 if importlib.util.find_spec("micro_manager") is None:
@@ -152,9 +153,7 @@ def closure_reference(sur, ids, window, iteration, policy):
     closure = SurrogateClosure(
         sur, FESolver(sur.material), cells, comm=MPI.COMM_SELF, policy=policy
     )
-    closure.begin_step(0)
-    result = closure.evaluate(states_of(ids, window, iteration))
-    closure.end_step()
+    result = evaluate_step(closure, states_of(ids, window, iteration))
     return result, closure.reason
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import pywt
 import torch
-from neuroscale_coupling.surrogate.config import SANOConfig
 
 from neuroscale_coupling.cell.symmetry import (
     D4,
@@ -17,6 +16,7 @@ from neuroscale_coupling.cell.symmetry import (
     transform_image,
 )
 from neuroscale_coupling.surrogate.calibration import LEVELS_P, gaussian_multipliers
+from neuroscale_coupling.surrogate.config import SANOConfig
 from neuroscale_coupling.surrogate.model import SANO
 
 N_IMG, LEVELS = 16, 2

@@ -224,7 +224,7 @@ class Closure:
     # ------------------------------------------------------------------ the call order
     def begin_step(self, step: int) -> None:
         """Start step ``step`` (collective): decisions that hold for the whole step are
-        taken at its first evaluate."""
+        taken at its first evaluate and completed at ``revise_step``."""
         if self._step is not None:
             raise RuntimeError(
                 f"begin_step({step}) while step {self._step.step} is still open: call "

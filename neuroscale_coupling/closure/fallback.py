@@ -21,6 +21,8 @@ Three tests, each with its own documented threshold in :class:`FallbackPolicy`:
   local response and the training RMS.
 
 A point failing several tests is counted under the first of domain, family, uncertainty.
+A NaN domain distance fails the domain test, a prediction with a non-finite response or
+std the uncertainty test: NaN never passes a test.
 """
 
 import math
@@ -87,8 +89,10 @@ def fallback_reasons(
     uncertain = (np.max(std, axis=1, initial=0.0) > policy.std_abs) | (
         np.linalg.norm(std, axis=1) > policy.std_rel * size
     )
+    # a prediction that is not finite cannot answer: uncertain (a NaN compares False)
+    uncertain |= ~(np.all(np.isfinite(response), axis=1) & np.all(np.isfinite(std), axis=1))
     failed = {
-        "domain": domain_distance > policy.domain_tol,
+        "domain": ~(domain_distance <= policy.domain_tol),
         "family": family_ratio > policy.family_threshold,
         "uncertainty": uncertain,
     }

@@ -4,20 +4,22 @@
 Per step:
 
 1. ``begin_step``: a new decision is due.
-2. first ``evaluate`` of the step — at the field the step starts from (the DOLFINx host
-   starts Newton from the previous step's field and imposes changed Dirichlet values
-   through the first update): the surrogate predicts at every local point (float64,
-   latents of the local cells cached); :func:`fallback_reasons` marks the points that go to
-   the fine solver (state outside the training domain, cell outside the training family,
-   calibrated std above tolerance). The marked set is fixed for the step's Newton
-   iterations (a closure that changes within a Newton solve loses quadratic convergence),
-   and its work is block-balanced over the ranks (:class:`BlockPlan`): every rank solves
-   about the same number of cells, results return to their owners.
+2. first ``evaluate`` of the step: the surrogate predicts at every local point (float64,
+   latents of the local cells cached) and the points whose cell lies outside the training
+   family, or whose prediction is not finite, are marked for the fine solver. The state
+   tests wait for the converged states: an iterate is not a solution (a host that
+   imposes new Dirichlet values in its residual sees a predictor jump of 2/h at a heated
+   edge, and a step starts from the previous step's states, which it leaves), so marking
+   on it would solve points exactly for a whole step whose solution needs no fine solve.
+   The marked set is fixed for the step's Newton iterations (a closure that changes
+   within a Newton solve loses quadratic convergence), and its work is block-balanced
+   over the ranks (:class:`BlockPlan`): every rank solves about the same number of cells,
+   results return to their owners.
 3. later ``evaluate`` calls: surrogate everywhere, fine solves at the marked points.
-4. ``revise_step`` after the Newton solve converged: the tests are repeated at the
-   converged states; points that now fail join the marked set and the host solves the
-   step again (a load step that leaves the training domain is caught here, since the
-   first iterate still holds the previous step's states).
+4. ``revise_step`` after the Newton solve converged: every test (training domain, family,
+   calibrated std) is applied at the converged states; points that fail join the marked
+   set (none leaves it) and the host solves the step again from the converged field, so
+   that at the step's solution every point answered by the surrogate passes every test.
 5. ``end_step``: the exact results of the step's last evaluation join the enrichment
    buffer and, with enrichment on, the model is fine-tuned (gradients averaged over
    ranks) and recalibrated before the next step; the cached latents are recomputed.
@@ -123,6 +125,7 @@ class SurrogateClosure(Closure):
         self.reason = np.zeros(self.n_local, dtype=np.int8)
         self.predicted_std = np.zeros((self.n_local, material.response_dim))
         self._decided = False
+        self._held_tangent: np.ndarray | None = None
         self._plan = BlockPlan.balanced(comm, 0)
         self._marked = np.zeros(0, dtype=np.int64)
         self._n_marked = 0
@@ -149,12 +152,35 @@ class SurrogateClosure(Closure):
 
     # ------------------------------------------------------------------ surrogate
     def _predict(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.surrogate.decode(self._encoded, states, self._cell_of_point)
+        """Response (n, r), tangent (n, r, d) and calibrated std (n, r) at states (n, d).
+
+        Beyond the box the fallback accepts (the training domain enlarged by
+        ``policy.domain_tol`` half-widths) the model is not asked to extrapolate: with p
+        the nearest accepted state, the answer is Q(p) + K (s − p), K (n, r, d) the
+        model's tangent at the step's first iterate (at its nearest accepted state), held
+        for the step. Its consistent tangent is dQ/ds(p) in the components that lie inside
+        and K in those clipped, so the host's Newton stays quadratic, and it grows only
+        linearly where the model's own extrapolation can make that Newton diverge. Only
+        iterates get it: a converged state out there fails the domain test and is solved
+        exactly (module docstring, step 4).
+        """
+        box = self.surrogate.domain
+        tol = self.policy.domain_tol
+        reach = np.asarray(box.half_width) * (tol if np.isfinite(tol) else np.inf)
+        nearest = np.clip(states, np.asarray(box.lower) - reach, np.asarray(box.upper) + reach)
+        response, tangent, std = self.surrogate.decode(self._encoded, nearest, self._cell_of_point)
+        if self._held_tangent is None:
+            self._held_tangent = tangent.copy()
+        clipped = nearest != states
+        response += np.einsum("nrd,nd->nr", self._held_tangent, states - nearest)
+        tangent = np.where(clipped[:, None, :], self._held_tangent, tangent)
+        return response, tangent, std
 
     # ------------------------------------------------------------------ decisions
     def _start_step(self) -> None:
         self._decided = False
         self._last = None
+        self._held_tangent = None
 
     def _reasons(self, states: np.ndarray, response: np.ndarray, std: np.ndarray) -> np.ndarray:
         return fallback_reasons(
@@ -167,6 +193,17 @@ class SurrogateClosure(Closure):
             std=std,
             response_rms=self._response_rms,
         )
+
+    def _first_reasons(
+        self, states: np.ndarray, response: np.ndarray, std: np.ndarray
+    ) -> np.ndarray:
+        """Reasons (n_local,) at a step's first iterate: the tests that do not depend on
+        the state (family) and predictions that are not finite; the state tests wait for
+        the converged states (module docstring, step 2)."""
+        reason = self._reasons(states, response, std)
+        finite = np.all(np.isfinite(response), axis=1) & np.all(np.isfinite(std), axis=1)
+        reason[finite & (reason != FALLBACK_REASONS.index("family") + 1)] = 0
+        return reason
 
     def _mark(self, reason: np.ndarray, states: np.ndarray) -> None:
         """Fix the marked set for the step and plan its balanced work (collective)."""
@@ -257,7 +294,7 @@ class SurrogateClosure(Closure):
         self.predicted_std = std
         stats.max_std = max(stats.max_std, float(np.max(std, initial=0.0)))
         if not self._decided:
-            self._mark(self._reasons(states, response, std), states)
+            self._mark(self._first_reasons(states, response, std), states)
             self._decided = True
         if self._n_marked:
             r_ex, t_ex = self._balanced_solve(

@@ -222,8 +222,8 @@ class _FE2Problem:
         converge.
         """
         self._calls, self._seconds_closure = 0, 0.0
-        # The first iterate is the previous step's field: the closure decides on the states
-        # the step starts from, and the first Newton update (Dirichlet rows u − g, lifted
+        # The first iterate is the previous step's field (the closure tests the states at
+        # convergence, in revise_step), and the first Newton update (Dirichlet rows u − g, lifted
         # into the interior through the tangent) is the linear predictor of the new
         # boundary values. Setting them first would put the whole jump of a changed
         # Dirichlet value into one element layer (spurious gradients at the edge).
