@@ -2,8 +2,9 @@
 ranks buffered different rows, the error on the buffered exact rows falls while replay
 keeps the validation loss in check, an empty global buffer changes nothing, a failure on
 one rank raises on all and undoes the update, and bad rows are refused naming the shape.
-Tiny thermal model (surrogate_cases.tiny_surrogate) enriched with exact FE rows of cells from
-another generator at states partly outside the training domain."""
+Rows whose state lies outside the training box are not kept. Tiny thermal model
+(surrogate_cases.tiny_surrogate) enriched with exact FE rows of cells from another
+generator."""
 
 import hashlib
 
@@ -24,7 +25,7 @@ from neuroscale_coupling.training.config import GenerateConfig
 
 COMM = MPI.COMM_WORLD
 RANK = COMM.rank
-# outside the training family (another generator) and partly outside the domain |G| <= 2
+# outside the training family (another generator), inside the training box
 FRESH = {
     **GENERATE,
     "members": [
@@ -34,8 +35,8 @@ FRESH = {
             "ranges": {"volume_fraction": [0.2, 0.4]},
         }
     ],
-    "lower": [-3.0, -3.0, 0.0],
-    "upper": [3.0, 3.0, 1.0],
+    "lower": [-2.0, -2.0, 0.0],
+    "upper": [2.0, 2.0, 1.0],
     "n_cells": 4,
     "states_per_cell": 8,
     "seed": 11,
@@ -109,16 +110,24 @@ def test_enrichment_fits_buffered_rows_and_replay_keeps_validation(trained, fres
     enrich = OnlineEnrichment(sur, comm=COMM, options=FAST)
     add_rows(enrich, fresh, np.arange(RANK, len(fresh), COMM.size))
     stats = enrich.update()
-    # the exact rows from outside the family/domain: the error falls several-fold
+    # the exact rows from outside the family: the error falls several-fold
     assert stats["loss_after"] < stats["loss_before"] / 4, stats
     # replay of the training rows: the validation loss does not blow up
     assert stats["val_loss_after"] < 1.25 * stats["val_loss_before"], stats
     assert stats["std_scale"] > 0 and stats["std_scale"] == float(sur.model.std_scale)
     assert stats["broadcast"] == 0.0 and stats["accepted"] == 1.0
     # a second update starts where the first ended (Adam state kept, same buffer)
+    before = weights(sur.model)
     again = enrich.update()
     assert again["loss_before"] == pytest.approx(stats["loss_after"], rel=1e-6)
-    assert again["loss_after"] < again["loss_before"]
+    # kept only when the buffer loss fell within the validation tolerance, else undone
+    helped = (
+        again["loss_after"] < again["loss_before"]
+        and again["val_loss_after"] <= (1 + FAST.val_tolerance) * again["val_loss_before"]
+    )
+    assert again["accepted"] == float(helped)
+    changed = not np.array_equal(weights(sur.model)["decoder.out_raw"], before["decoder.out_raw"])
+    assert changed == helped
 
 
 def test_an_update_that_cannot_help_is_undone(trained, fresh):
@@ -184,6 +193,18 @@ def test_buffer_keeps_the_newest_rows(trained, fresh):
     assert enrich.n_buffer == 10
     np.testing.assert_array_equal(enrich._states, fresh.states[6:16])
     np.testing.assert_array_equal(enrich._images[enrich._cell], fresh.sample_images()[6:16])
+
+
+def test_rows_outside_the_training_box_are_not_kept(trained, fresh):
+    """The surrogate answers beyond the box by its expansion from the box, not by the
+    network: rows there would train the network where it is not used."""
+    enrich = OnlineEnrichment(surrogate(trained), comm=COMM)
+    states = fresh.states[:6].copy()
+    states[[1, 4], 0] = 2.5  # G1 beyond the box's 2
+    states[5, 2] = -1e-9  # theta just below 0
+    enrich.add(fresh.sample_images()[:6], states, fresh.response[:6], fresh.tangent[:6])
+    assert enrich.n_buffer == 3 and enrich.rows_outside == 3
+    np.testing.assert_array_equal(enrich._states, states[[0, 2, 3]])
 
 
 def test_bad_rows_are_refused_naming_the_shape(trained, fresh):

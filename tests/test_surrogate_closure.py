@@ -154,6 +154,52 @@ def test_domain_fallback_marks_exactly_the_points_outside(tiny, comm, caplog):
     assert closure.end_step().fallbacks == {"domain": 4, "family": 0, "uncertainty": 0}
 
 
+def test_beyond_the_box_a_c1_expansion_with_a_consistent_tangent(tiny, comm):
+    """Beyond the training box the closure answers Q(p) + T(p)(s - p) from the nearest
+    state p of the box: continuous and C¹ across the box's face, its tangent the central
+    difference of its response (also where only some components are clipped), its std
+    growing from the model's at p."""
+    sur, data = tiny
+    box = sur.domain
+    cells, states = _points(data, 6, seed=3)
+    cells[:], states[:] = cells[0], states[0]  # one cell and state, G1 moved out
+    states[:, 0] = box.upper[0] + np.array([0.0, 1e-7, 0.05, 0.3, 1.0, 20.0])  # G1 beyond
+    states[4, 2] = box.upper[2] + 0.2  # G1 and theta beyond
+    closure = SurrogateClosure(
+        sur, FESolver(sur.material), _local(comm, cells), comm=comm, policy=OFF
+    )
+    closure.begin_step(0)
+    res = closure.evaluate(_local(comm, states))
+    inside = sur.predict(_local(comm, cells), np.clip(_local(comm, states), box.lower, box.upper))
+    e = _local(comm, states) - np.clip(_local(comm, states), box.lower, box.upper)
+    np.testing.assert_allclose(
+        res.response, inside.response + np.einsum("nrd,nd->nr", inside.tangent, e), rtol=1e-12
+    )
+    # rows 0 and 1 straddle the face: value and tangent continuous, std as at p
+    first = np.flatnonzero(np.arange(6) < 2)
+    mine = np.array_split(np.arange(6), comm.size)[comm.rank]
+    at_face = [i for i, g in enumerate(mine) if g in first]
+    if len(at_face) == 2:
+        np.testing.assert_allclose(res.tangent[at_face[1]], res.tangent[at_face[0]], rtol=1e-5)
+    std_p = inside.std
+    assert np.all(np.linalg.norm(res.std, axis=1) >= np.linalg.norm(std_p, axis=1) - 1e-15)
+    grow = [i for i, g in enumerate(mine) if g in (2, 3)]
+    if len(grow) == 2:
+        assert np.linalg.norm(res.std[grow[1]]) > np.linalg.norm(res.std[grow[0]])
+    # consistent tangent: central differences of the closure's own response
+    h = 1e-6
+    fd = np.zeros_like(res.tangent)
+    for j in range(states.shape[1]):
+        step = np.zeros(states.shape[1])
+        step[j] = h
+        up = closure.evaluate(_local(comm, states + step)).response
+        down = closure.evaluate(_local(comm, states - step)).response
+        fd[:, :, j] = (up - down) / (2 * h)
+    scale = np.abs(res.tangent).max(initial=1.0)
+    np.testing.assert_allclose(res.tangent, fd, atol=2e-5 * scale)
+    closure.end_step()
+
+
 def test_decision_is_fixed_in_a_step_and_revised_on_request(tiny, comm):
     sur, data = tiny
     cells, states = _points(data, 8, seed=9)
@@ -231,6 +277,42 @@ def test_fallback_reasons_priority_and_relative_tolerance():
     )
     # std 0.5 < 0.1·10; domain beats family; family; 1.5 > 0.1·10; floor 0.5: 0.4 > 0.05
     np.testing.assert_array_equal(reason, [0, 1, 2, 3, 3])
+
+
+def test_nan_never_passes_a_fallback_test():
+    """A NaN distance, family ratio, response or std names a reason: a NaN compares False."""
+    nan = math.nan
+    reason = fallback_reasons(
+        FallbackPolicy(),
+        domain_distance=np.array([nan, 0.0, 0.0, 0.0, 0.0]),
+        family_ratio=np.array([0.5, nan, 0.5, 0.5, 0.5]),
+        response=np.array([[1.0, 0], [1, 0], [nan, 0], [1, 0], [1, 0]]),
+        std=np.array([[0.0, 0], [0, 0], [0, 0], [0, nan], [0, 0]]),
+        response_rms=[1.0, 1.0],
+    )
+    np.testing.assert_array_equal(reason, [1, 2, 3, 3, 0])
+
+
+def test_a_model_with_a_nan_weight_on_one_rank_falls_back_there(tiny, comm):
+    """The last rank's closure decodes with a NaN weight: its points are solved exactly
+    (exact=True, finite answers equal to the exact closure's), the others' are not."""
+    sur, data = tiny
+    cells, states = _points(data, 8, seed=5)
+    cells, states = _local(comm, cells), _local(comm, states)
+    closure = SurrogateClosure(sur, FESolver(sur.material), cells, comm=comm)
+    poisoned = comm.rank == comm.size - 1
+    if poisoned:
+        with torch.no_grad():
+            next(closure.surrogate.model.decoder.parameters()).view(-1)[0] = math.nan
+    res = evaluate_step(closure, states)
+    ref = evaluate_step(
+        ExactClosure(sur.material, FESolver(sur.material), cells, comm=comm), states
+    )
+    assert np.all(np.isfinite(res.response)) and np.all(np.isfinite(res.tangent))
+    assert res.exact.all() if poisoned else not res.exact.any()
+    if poisoned:
+        np.testing.assert_allclose(res.response, ref.response, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(res.tangent, ref.tangent, rtol=1e-12, atol=1e-14)
 
 
 def test_bad_input_is_refused(tiny, comm):

@@ -92,7 +92,8 @@ class StepStats:
     points: global quadrature points; evaluations: closure calls; exact_solves: fine
     solves (all calls); fallbacks: points sent to the fine solver, by reason; revisions:
     times the step was solved again because more points had to fall back; seconds of the
-    surrogate and of the fine solves; max_std: largest predicted std component; enrichment:
+    surrogate and of the fine solves; max_std: largest std component of the answers at the
+    step's last evaluation (its converged states; 0 where a fine solve answered); enrichment:
     what the online enrichment after the step did (empty when off).
     """
 

@@ -2,8 +2,10 @@
 
 During an FE² run the surrogate closure hands uncertain or out-of-domain points to the fine
 solver. Their exact answers (cell image, state, response, tangent) go into a buffer on the
-rank that holds them, and between steps the model is fine-tuned in place on that buffer and
-a replay of its training data, then its std is recalibrated::
+rank that holds them (those whose state lies inside the model's training box: beyond it the
+surrogate answers by its expansion from the box, not by the network), and between steps
+the model is fine-tuned in place on that buffer and a replay of its training data, then
+its std is recalibrated::
 
     enrich = OnlineEnrichment(surrogate, comm=comm)
     enrich.add(images, states, response, tangent)     # local rows; not collective
@@ -183,6 +185,8 @@ class OnlineEnrichment:
         self._states = np.empty((0, d))
         self._response = np.empty((0, r))
         self._tangent = np.empty((0, r, d))
+        #: rows offered to :meth:`add` on this rank and not kept: states outside the box
+        self.rows_outside = 0
 
     # ------------------------------------------------------------------ buffer
     @property
@@ -196,8 +200,11 @@ class OnlineEnrichment:
         """Buffer m exact rows of this rank (not collective; raises on this rank only).
 
         images (m, n, n) integer phase ids, states (m, d), response (m, r), tangent
-        (m, r, d), physical units, finite. Beyond ``max_buffer`` rows the oldest are
-        dropped.
+        (m, r, d), physical units, finite. Rows whose state lies outside the model's
+        training box are not kept (counted in :attr:`rows_outside`): the surrogate never
+        evaluates its network there (:meth:`Surrogate.decode` answers by its expansion from
+        the box), so they would train the network where it is not used. Beyond
+        ``max_buffer`` rows the oldest are dropped.
         """
         n, d, r = self._n, self._d, self._r
         im = np.asarray(images)
@@ -228,6 +235,10 @@ class OnlineEnrichment:
                 f"enrichment images must hold integer phase ids 0..{self._n_phases - 1}; got "
                 f"dtype {im.dtype}" + (f", values {im.min()}..{im.max()}" if m else "")
             )
+        inside = self.surrogate.domain.contains(arrays["states"])
+        self.rows_outside += int(m - inside.sum())
+        im, m = im[inside], int(inside.sum())
+        arrays = {k: a[inside] for k, a in arrays.items()}
         if m == 0:
             return
         flat = im.reshape(m, -1).astype(np.int8)

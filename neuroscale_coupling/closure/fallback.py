@@ -3,7 +3,10 @@
 Three tests, each with its own documented threshold in :class:`FallbackPolicy`:
 
 * **domain**: the macro state lies outside the box the model was trained on, by more than
-  ``domain_tol`` half-widths (:meth:`StateDomain.distance_outside`);
+  ``domain_tol`` half-widths (:meth:`StateDomain.distance_outside`). Default 0.1: a state
+  just beyond the box is answered by the model's first-order expansion from the box
+  (:meth:`Surrogate.decode`), whose std grows as the square of the distance, so the
+  uncertainty test bounds it too; the network itself is never evaluated outside;
 * **family**: the point's cell lies outside the training family — its family ratio
   (:meth:`Surrogate.family_ratio`: the larger of the latent Mahalanobis distance and the
   two-point-correlation distance of :mod:`~neuroscale_coupling.surrogate.image_family`, each in
@@ -21,8 +24,8 @@ Three tests, each with its own documented threshold in :class:`FallbackPolicy`:
   local response and the training RMS.
 
 A point failing several tests is counted under the first of domain, family, uncertainty.
-A NaN domain distance fails the domain test, a prediction with a non-finite response or
-std the uncertainty test: NaN never passes a test.
+A NaN domain distance fails the domain test, a NaN family ratio the family test, a
+prediction with a non-finite response or std the uncertainty test: NaN never passes a test.
 """
 
 import math
@@ -52,7 +55,7 @@ class FallbackPolicy:
     std_abs: float = math.inf
     std_rel: float = 0.05
     rel_floor: float = 1.0
-    domain_tol: float = 0.0
+    domain_tol: float = 0.1
     family_threshold: float = 1.25
     warn_fraction: float = 0.1
 
@@ -93,7 +96,7 @@ def fallback_reasons(
     uncertain |= ~(np.all(np.isfinite(response), axis=1) & np.all(np.isfinite(std), axis=1))
     failed = {
         "domain": ~(domain_distance <= policy.domain_tol),
-        "family": family_ratio > policy.family_threshold,
+        "family": ~(family_ratio <= policy.family_threshold),
         "uncertainty": uncertain,
     }
     reason = np.zeros(n, dtype=np.int8)

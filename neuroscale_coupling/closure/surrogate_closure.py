@@ -5,8 +5,10 @@ Per step:
 
 1. ``begin_step``: a new decision is due.
 2. first ``evaluate`` of the step: the surrogate predicts at every local point (float64,
-   latents of the local cells cached) and the points whose cell lies outside the training
-   family, or whose prediction is not finite, are marked for the fine solver. The state
+   latents of the local cells cached; beyond the training box the first-order expansion
+   from the box of :meth:`Surrogate.decode`, whose std grows with the distance) and the
+   points whose cell lies outside the training family, or whose prediction is not
+   finite, are marked for the fine solver. The state
    tests wait for the converged states: an iterate is not a solution (a host that
    imposes new Dirichlet values in its residual sees a predictor jump of 2/h at a heated
    edge, and a step starts from the previous step's states, which it leaves), so marking
@@ -125,7 +127,6 @@ class SurrogateClosure(Closure):
         self.reason = np.zeros(self.n_local, dtype=np.int8)
         self.predicted_std = np.zeros((self.n_local, material.response_dim))
         self._decided = False
-        self._held_tangent: np.ndarray | None = None
         self._plan = BlockPlan.balanced(comm, 0)
         self._marked = np.zeros(0, dtype=np.int64)
         self._n_marked = 0
@@ -150,37 +151,10 @@ class SurrogateClosure(Closure):
         cells = cells_of_points(comm, cell_of, coordinates)
         return cls(surrogate, solver, cells, comm=comm, policy=policy, enrichment=enrichment)
 
-    # ------------------------------------------------------------------ surrogate
-    def _predict(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Response (n, r), tangent (n, r, d) and calibrated std (n, r) at states (n, d).
-
-        Beyond the box the fallback accepts (the training domain enlarged by
-        ``policy.domain_tol`` half-widths) the model is not asked to extrapolate: with p
-        the nearest accepted state, the answer is Q(p) + K (s − p), K (n, r, d) the
-        model's tangent at the step's first iterate (at its nearest accepted state), held
-        for the step. Its consistent tangent is dQ/ds(p) in the components that lie inside
-        and K in those clipped, so the host's Newton stays quadratic, and it grows only
-        linearly where the model's own extrapolation can make that Newton diverge. Only
-        iterates get it: a converged state out there fails the domain test and is solved
-        exactly (module docstring, step 4).
-        """
-        box = self.surrogate.domain
-        tol = self.policy.domain_tol
-        reach = np.asarray(box.half_width) * (tol if np.isfinite(tol) else np.inf)
-        nearest = np.clip(states, np.asarray(box.lower) - reach, np.asarray(box.upper) + reach)
-        response, tangent, std = self.surrogate.decode(self._encoded, nearest, self._cell_of_point)
-        if self._held_tangent is None:
-            self._held_tangent = tangent.copy()
-        clipped = nearest != states
-        response += np.einsum("nrd,nd->nr", self._held_tangent, states - nearest)
-        tangent = np.where(clipped[:, None, :], self._held_tangent, tangent)
-        return response, tangent, std
-
     # ------------------------------------------------------------------ decisions
     def _start_step(self) -> None:
         self._decided = False
         self._last = None
-        self._held_tangent = None
 
     def _reasons(self, states: np.ndarray, response: np.ndarray, std: np.ndarray) -> np.ndarray:
         return fallback_reasons(
@@ -288,11 +262,10 @@ class SurrogateClosure(Closure):
     # ------------------------------------------------------------------ evaluate
     def _evaluate(self, states: np.ndarray) -> ClosureResult:
         t0 = time.perf_counter()
-        response, tangent, std = self._predict(states)
+        response, tangent, std = self.surrogate.decode(self._encoded, states, self._cell_of_point)
         stats = self._current()
         stats.seconds_surrogate += time.perf_counter() - t0
         self.predicted_std = std
-        stats.max_std = max(stats.max_std, float(np.max(std, initial=0.0)))
         if not self._decided:
             self._mark(self._first_reasons(states, response, std), states)
             self._decided = True
@@ -304,6 +277,7 @@ class SurrogateClosure(Closure):
             response[self._marked], tangent[self._marked] = r_ex, t_ex
         std = std.copy()
         std[self._marked] = 0.0
+        stats.max_std = float(np.max(std, initial=0.0))  # of the answers at this iterate
         exact = self.reason > 0
         result = ClosureResult(response=response, tangent=tangent, std=std, exact=exact)
         self._last = (states, result)

@@ -344,16 +344,48 @@ class Surrogate:
         self, cells: EncodedCells, states: np.ndarray, rows: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Response (N, r), tangent (N, r, d) and calibrated std (N, r), float64 numpy, at
-        states (N, d) of the cells ``cells`` rows ``rows`` (N,) (no grad)."""
-        p = self.model.state_scale
+        states (N, d) of the cells ``cells`` rows ``rows`` (N,) (no grad).
+
+        The network is evaluated inside its training box (``domain``) only. At a state s
+        beyond it, with p the nearest state of the box and e = s − p, the answer is the
+        first-order expansion Q(p) + T(p) e, T = dQ/ds the network's tangent. Its
+        consistent tangent is T(p) + H(p) e in the components that lie inside and T(p) in
+        those clipped, H(p) e the derivative of T along e from a central difference of the
+        tangent (two extra decodes of those points only). The expansion is C¹ across the
+        box's faces and grows only linearly, where the network's own extrapolation is
+        arbitrary (and made a host's Newton diverge). Its std is the network's at p and the
+        size of the next term, ½ eᵀH e, added in quadrature: it grows as |e|², so the
+        fallback's uncertainty test bounds the expansion's error.
+        """
         st = np.asarray(states, dtype=float)
-        if st.shape[0] == 0:
+        box = self.domain
+        nearest = np.clip(st, box.lower, box.upper)
+        response, tangent, std = self._decode_network(cells, nearest, rows)
+        out = np.flatnonzero((nearest != st).any(axis=1))
+        if out.size:
+            e = st[out] - nearest[out]  # (k, d)
+            # central difference of T along e, with a step of 1e-3 half-widths at most
+            h = 1e-3 / np.abs(e / box.half_width).max(axis=1, keepdims=True)
+            pm = np.concatenate([nearest[out] + h * e, nearest[out] - h * e])
+            _, t_pm, _ = self._decode_network(cells, pm, np.tile(np.asarray(rows)[out], 2))
+            he = (t_pm[: out.size] - t_pm[out.size :]) / (2 * h[:, :, None])  # (k, r, d)
+            response[out] += np.einsum("krd,kd->kr", tangent[out], e)
+            tangent[out] += np.where((e == 0)[:, None, :], he, 0.0)
+            std[out] = np.hypot(std[out], 0.5 * np.einsum("krd,kd->kr", he, e))
+        return response, tangent, std
+
+    def _decode_network(
+        self, cells: EncodedCells, states: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The network itself at states (N, d) of ``cells`` rows ``rows`` (N,)."""
+        p = self.model.state_scale
+        if states.shape[0] == 0:
             d, r = self.config.state_dim, self.config.response_dim
             return np.zeros((0, r)), np.zeros((0, r, d)), np.zeros((0, r))
         with torch.no_grad():
             pred = self.model.decode(
                 cells.latent,
-                torch.as_tensor(st, dtype=p.dtype, device=p.device),
+                torch.as_tensor(states, dtype=p.dtype, device=p.device),
                 cells=torch.as_tensor(rows, device=p.device),
                 family=torch.as_tensor(cells.family_ratio, dtype=p.dtype),
                 symmetry=cells.symmetry,

@@ -174,7 +174,10 @@ class MicroEngine:
         if hit is not None:
             self.counts["memo_hits"] += 1
             return hit
-        if self.decoder is not None:
+        # the numpy decoder holds the network only: beyond the training box the expansion
+        # of Surrogate.decode answers
+        inside = self.surrogate.domain.distance_outside([[g1, g2, theta]])[0] == 0
+        if self.decoder is not None and inside:
             values = self.decoder.decode_floats(self._consts[row], g1, g2, theta)
         else:
             r, t, s = self.surrogate.decode(
